@@ -1,0 +1,132 @@
+"""One typed config tree, loaded from YAML (configs/*.yaml) with `--set a.b=value` overrides.
+
+Each section is a dataclass; unknown keys are errors so that a typo never silently runs with a
+default. Sections belong to the stage that reads them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from llm_labeling.config import LabelConfig
+from sicsrec.config import SFTConfig, TrainConfig
+
+
+@dataclass
+class SynthConfig:
+    """The embedded default dataset (`launcher synth`)."""
+    seed: int = 0
+    num_users: int = 800
+    num_items: int = 400
+    num_topics: int = 8
+    image_size: int = 64
+    min_seq_len: int = 6
+    max_seq_len: int = 30
+    topic_stickiness: float = 0.7  # chance the next item keeps the current topic
+    drift: float = 0.1  # chance a user's preferred topic drifts to another at each step
+
+
+@dataclass
+class DataConfig:
+    """Where the raw dataset comes from and how `prepare` cleans it."""
+    format: str = "synth"  # synth | canonical | ninerec | ml100k
+    source: str = ""  # folder for canonical/ninerec (e.g. ../shared/data/ninerec/Bili_Food); posters folder for ml100k
+    kcore: int = 5
+    title_field: str = "english"  # ninerec only: english | chinese
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class ShardConfig:
+    """WebDataset shards written by `launcher shard`."""
+    items_per_shard: int = 200
+    users_per_shard: int = 400
+    max_shard_bytes: int = 256 * 1024 * 1024
+    image_size: int = 0  # >0 resizes images (longest side) at shard time; 0 keeps them
+    jpeg_quality: int = 90
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    pipeline: list[str] = field(default_factory=lambda: ["synth", "prepare", "shard"])
+    data: DataConfig = field(default_factory=DataConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    train_id: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in values.items():
+        hint = hints[key]
+        path = f"{where}.{key}" if where else key
+        kwargs[key] = _build(hint, value, path) if dataclasses.is_dataclass(hint) else _coerce(hint, value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, where: str):
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(hint) or (str,)
+        return [_coerce(item_type, v, where) for v in value]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, where)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool, float) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _set_path(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or defaults) and apply `key.sub=value` overrides (values parsed as YAML)."""
+    tree: dict = {}
+    if path:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), raw)
+    return _build(Config, tree, "")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)

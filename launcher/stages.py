@@ -1,0 +1,104 @@
+"""The pipeline's stages. Each reads its inputs from the run directory, writes its outputs and
+a manifest (launcher.rundir), and is skipped when its manifest matches (config + inputs)."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from launcher.config import Config
+from launcher.rundir import hash_files, read_manifest, run_stage
+
+
+def _stage_dir(cfg: Config, name: str) -> Path:
+    return Path(cfg.run_dir) / name
+
+
+def _upstream(cfg: Config, name: str) -> str:
+    manifest = read_manifest(_stage_dir(cfg, name))
+    if manifest is None:
+        raise FileNotFoundError(f"stage '{name}' has not run in {cfg.run_dir} (no manifest); run it first "
+                                f"or use `python -m launcher pipeline`")
+    return manifest["fingerprint"]
+
+
+def synth(cfg: Config, force: bool = False) -> dict:
+    from shards.synth import synthesize
+
+    if cfg.data.format != "synth":
+        raise ValueError(f"`synth` makes the embedded dataset, but data.format is {cfg.data.format!r}")
+    section = dataclasses.asdict(cfg.data.synth)
+    return run_stage(_stage_dir(cfg, "synth"), "synth", section, {},
+                     lambda out: synthesize(cfg.data.synth, out), force)
+
+
+def _raw_source(cfg: Config) -> tuple[Path, dict]:
+    """The canonical folder `prepare` reads, converting a real dataset's format when needed."""
+    from shards import sources
+
+    fmt, src = cfg.data.format, cfg.data.source
+    if fmt == "synth":
+        return _stage_dir(cfg, "synth"), {"synth": _upstream(cfg, "synth")}
+    if fmt == "canonical":
+        if not src:
+            raise ValueError("data.format=canonical needs data.source (a folder with items.jsonl, interactions.csv)")
+        return Path(src), {"source": hash_files([Path(src) / "items.jsonl", Path(src) / "interactions.csv"])}
+    raw = _stage_dir(cfg, "raw")
+    if raw.exists():
+        shutil.rmtree(raw)
+    if fmt == "ninerec":
+        if not src:
+            raise ValueError("data.format=ninerec needs data.source, e.g. ../shared/data/ninerec/Bili_Food")
+        sources.convert_ninerec(src, raw, cfg.data.title_field)
+    elif fmt == "ml100k":
+        sources.convert_ml100k(src or None, raw)
+    else:
+        raise ValueError(f"unknown data.format {fmt!r}; expected synth, canonical, ninerec or ml100k")
+    return raw, {"raw": hash_files([raw / "items.jsonl", raw / "interactions.csv"])}
+
+
+def prepare(cfg: Config, force: bool = False) -> dict:
+    from shards.canonical import read_canonical
+    from shards.prepare import prepare as prepare_dataset, stats_table
+
+    source, inputs = _raw_source(cfg)
+    section = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "synth"}
+
+    def body(out: Path) -> dict:
+        ds = prepare_dataset(read_canonical(source), cfg.data.kcore)
+        ds.save(out)
+        return ds.stats
+
+    manifest = run_stage(_stage_dir(cfg, "prepare"), "prepare", section, inputs, body, force)
+    print(f"\nDataset statistics ({cfg.run_dir}/prepare/stats.json)\n" + stats_table(manifest["metrics"]))
+    return manifest
+
+
+def shard(cfg: Config, force: bool = False) -> dict:
+    from shards.prepared import PreparedDataset
+    from shards.writer import write_shards
+
+    inputs = {"prepare": _upstream(cfg, "prepare")}
+    return run_stage(_stage_dir(cfg, "shards"), "shard", dataclasses.asdict(cfg.shard), inputs,
+                     lambda out: write_shards(PreparedDataset.load(_stage_dir(cfg, "prepare")), out, cfg.shard),
+                     force)
+
+
+STAGES: dict[str, tuple[Callable[[Config, bool], dict], str]] = {
+    "synth": (synth, "write the embedded default dataset (canonical format) into <run_dir>/synth"),
+    "prepare": (prepare, "validate, k-core filter, time-sort, dense ids, leave-one-out split -> <run_dir>/prepare"),
+    "shard": (shard, "write WebDataset item and train-sequence shards -> <run_dir>/shards"),
+}
+
+
+def run_pipeline(cfg: Config, force: bool = False) -> dict:
+    unknown = [s for s in cfg.pipeline if s not in STAGES]
+    if unknown:
+        raise ValueError(f"pipeline lists unknown stage(s) {unknown}; known: {list(STAGES)}")
+    manifests = {}
+    for name in cfg.pipeline:
+        if name == "synth" and cfg.data.format != "synth":
+            continue
+        manifests[name] = STAGES[name][0](cfg, force)
+    return manifests

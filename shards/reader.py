@@ -1,0 +1,166 @@
+"""Streaming readers over the shards written by `shards.writer`.
+
+Two ways to read:
+- `stream(...)`: every sample exactly once across all ranks and workers (encoding, evaluation).
+  Shards are split with webdataset's `split_by_node` (RANK/WORLD_SIZE or torch.distributed) and
+  `split_by_worker`, so ranks may get unequal counts.
+- `EqualBatches`: training. Every rank yields exactly the same number of batches per epoch, so
+  no collective (DDP all-reduce, our all-gathers) ever waits on a rank that ran out: each
+  worker cycles over its own shards until its quota is met. The quota is
+  total_samples // (world_size * batch_size) batches per rank.
+Bad images never crash a run: they are decoded to None and counted (`image_error` on the sample,
+`skip_bad_images=True` drops them and counts them in `stats`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+def load_index(shard_dir: str | Path) -> dict:
+    path = Path(shard_dir) / "index.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: run `launcher shard` first")
+    return json.loads(path.read_text())
+
+
+def shard_urls(shard_dir: str | Path, kind: str) -> list[str]:
+    index = load_index(shard_dir)
+    if kind not in ("items", "train"):
+        raise ValueError(f"unknown shard kind {kind!r}; expected items or train")
+    return [str(Path(shard_dir) / name) for name in index[kind]["shards"]]
+
+
+class DecodeItem:
+    """tar sample -> {"item", "item_id", "title", "image": PIL RGB | None, "image_error": str | None}."""
+
+    def __init__(self, decode_images: bool = True):
+        self.decode_images = decode_images
+
+    def __call__(self, sample: dict) -> dict:
+        meta = json.loads(sample["json"])
+        out = {"item": meta["item"], "item_id": meta["item_id"], "title": sample["txt"].decode("utf-8"),
+               "image": None, "image_error": None}
+        if self.decode_images and "jpg" in sample:
+            try:
+                with Image.open(io.BytesIO(sample["jpg"])) as img:
+                    out["image"] = img.convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                out["image_error"] = f"{type(e).__name__}: {e}"
+                log.warning("shard sample %s: corrupt image skipped (%s)", sample["__key__"], out["image_error"])
+        return out
+
+
+def decode_sequence(sample: dict) -> dict:
+    return json.loads(sample["json"])
+
+
+class SkipBadImages:
+    """Drops samples whose image failed to decode, counting them in `stats['bad_images']`."""
+
+    def __init__(self, stats: Counter):
+        self.stats = stats
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        for s in samples:
+            if s.get("image_error"):
+                self.stats["bad_images"] += 1
+                continue
+            yield s
+
+
+def _pipeline(urls: list[str], kind: str, decode_images: bool, skip_bad_images: bool, stats: Counter,
+              shuffle_buffer: int, seed: int, split: bool, extra: list[Callable] = ()) -> wds.DataPipeline:
+    stages = [wds.SimpleShardList(urls)]
+    if split:
+        stages += [wds.split_by_node, wds.split_by_worker]
+    stages.append(wds.tarfile_to_samples(handler=wds.warn_and_continue))
+    stages.append(wds.map(DecodeItem(decode_images) if kind == "items" else decode_sequence))
+    if kind == "items" and skip_bad_images:
+        stages.append(SkipBadImages(stats))
+    if shuffle_buffer > 1:
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(100, shuffle_buffer), rng=random.Random(seed)))
+    return wds.DataPipeline(*stages, *extra)
+
+
+def stream(shard_dir: str | Path, kind: str, decode_images: bool = True, skip_bad_images: bool = False,
+           stats: Counter | None = None, split: bool = True) -> wds.DataPipeline:
+    """Each sample exactly once over all ranks x workers, in shard order (no shuffling)."""
+    return _pipeline(shard_urls(shard_dir, kind), kind, decode_images, skip_bad_images,
+                     Counter() if stats is None else stats, 0, 0, split)
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class EqualBatches(torch.utils.data.IterableDataset):
+    """Training batches with an identical count on every rank (see module docstring).
+
+    Iterate it directly or through `DataLoader(ds, batch_size=None, num_workers=W)`; call
+    `set_epoch(e)` each epoch to reshuffle the shard order (same order on every rank).
+    `collate` maps a list of samples to a batch (default: the list itself).
+    """
+
+    def __init__(self, shard_dir: str | Path, kind: str, batch_size: int, rank: int, world_size: int,
+                 num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 256, decode_images: bool = True,
+                 skip_bad_images: bool = True, collate: Callable | None = None):
+        index = load_index(shard_dir)
+        self.urls = shard_urls(shard_dir, kind)
+        self.kind, self.batch_size, self.rank, self.world_size = kind, batch_size, rank, world_size
+        self.num_workers, self.seed, self.shuffle_buffer = max(1, num_workers), seed, shuffle_buffer
+        self.decode_images, self.skip_bad_images = decode_images, skip_bad_images
+        self.collate = collate or (lambda samples: samples)
+        self.epoch = 0
+        self.stats: Counter = Counter()
+        if len(self.urls) < world_size * self.num_workers:
+            raise ValueError(f"{len(self.urls)} {kind} shards cannot feed {world_size} ranks x {self.num_workers} "
+                             f"workers; re-shard with fewer samples per shard (shard.*_per_shard)")
+        self.batches_per_rank = index[kind]["total"] // (world_size * batch_size)
+        if self.batches_per_rank == 0:
+            raise ValueError(f"{index[kind]['total']} samples give no full batch of {batch_size} x {world_size} ranks")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def _my_shards(self, worker: int, num_workers: int) -> list[str]:
+        urls = list(self.urls)
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(urls)  # same order on every rank
+        mine = urls[self.rank::self.world_size]
+        return mine[worker::num_workers]
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        quota = self.batches_per_rank // num_workers + (worker < self.batches_per_rank % num_workers)
+        urls = self._my_shards(worker, num_workers)
+        rng_seed = hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF
+        produced, cycle = 0, 0
+        while produced < quota:
+            pipe = _pipeline(urls, self.kind, self.decode_images, self.skip_bad_images, self.stats,
+                             self.shuffle_buffer, rng_seed + cycle, split=False,
+                             extra=[wds.batched(self.batch_size, collation_fn=self.collate, partial=False)])
+            got_any = False
+            for batch in pipe:
+                got_any = True
+                yield batch
+                produced += 1
+                if produced == quota:
+                    return
+            if not got_any:
+                raise RuntimeError(f"rank {self.rank} worker {worker}: shards {urls} hold less than one batch")
+            cycle += 1

@@ -1,0 +1,24 @@
+"""Builders of small datasets for tests (plain functions: call them from fixtures)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from launcher.config import ShardConfig, SynthConfig
+from shards.canonical import read_canonical
+from shards.prepare import prepare
+from shards.synth import synthesize
+from shards.writer import write_shards
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def tiny_synth(root: Path, users: int = 60, items: int = 40, topics: int = 4, seed: int = 0, kcore: int = 2,
+               items_per_shard: int = 9, users_per_shard: int = 13):
+    """Synthesise, prepare and shard a tiny dataset under root/{synth,prepare,shards}."""
+    synthesize(SynthConfig(seed=seed, num_users=users, num_items=items, num_topics=topics, image_size=16,
+                           min_seq_len=4, max_seq_len=10), root / "synth")
+    ds = prepare(read_canonical(root / "synth"), kcore)
+    ds.save(root / "prepare")
+    write_shards(ds, root / "shards", ShardConfig(items_per_shard=items_per_shard, users_per_shard=users_per_shard))
+    return ds

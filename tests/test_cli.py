@@ -1,0 +1,34 @@
+import json
+import subprocess
+import sys
+
+from tests.helpers import REPO
+
+
+def launcher(*args):
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_demo_pipeline_prints_stats_and_skips_done_stages(tmp_path):
+    args = ["pipeline", "--config", "configs/demo.yaml", "--run-dir", str(tmp_path),
+            "--set", "data.synth.num_users=120", "--set", "data.synth.num_items=60"]
+    first = launcher(*args)
+    assert first.returncode == 0, first.stderr
+    assert "#Users" in first.stdout and "#Interactions" in first.stdout
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["metrics"]["item_shards"] >= 1 and manifest["inputs"]["prepare"]
+    second = launcher(*args)
+    assert second.returncode == 0 and second.stderr.count("skipping") == 3
+    changed = launcher(*args, "--set", "shard.items_per_shard=7")
+    assert "shard: done already" not in changed.stderr and "prepare: done already" in changed.stderr
+
+
+def test_help_and_clear_errors(tmp_path):
+    help_text = launcher("--help").stdout
+    assert "pipeline" in help_text and "prepare" in help_text and "examples:" in help_text
+    bad = launcher("prepare", "--run-dir", str(tmp_path), "--set", "data.format=canonical")
+    assert bad.returncode == 2 and "needs data.source" in bad.stderr
+    typo = launcher("pipeline", "--set", "data.kcor=1")
+    assert typo.returncode == 2 and "unknown key" in typo.stderr
+    missing = launcher("shard", "--run-dir", str(tmp_path / "empty"))
+    assert missing.returncode == 2 and "stage 'prepare' has not run" in missing.stderr

@@ -1,0 +1,45 @@
+import json
+
+import numpy as np
+from PIL import Image
+
+from launcher.config import SynthConfig
+from shards.synth import TOPICS, synthesize
+from shards.canonical import read_canonical
+
+CFG = SynthConfig(seed=5, num_users=50, num_items=48, num_topics=4, image_size=24)
+
+
+def test_same_seed_same_bytes(tmp_path):
+    synthesize(CFG, tmp_path / "a")
+    synthesize(CFG, tmp_path / "b")
+    for name in ["items.jsonl", "interactions.csv", "images/s00000.jpg", "images/s00003.png"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    synthesize(SynthConfig(**{**vars(CFG), "seed": 6}), tmp_path / "c")
+    assert (tmp_path / "a" / "interactions.csv").read_bytes() != (tmp_path / "c" / "interactions.csv").read_bytes()
+
+
+def topic_of_title(title):
+    return next(k for k, (_, _, _, words) in enumerate(TOPICS) if any(w.title() in title.split() for w in words))
+
+
+def test_content_carries_the_topic(tmp_path):
+    synthesize(CFG, tmp_path)
+    data = read_canonical(tmp_path)
+    topics = {i: topic_of_title(it.title) for i, it in data.items.items()}
+    # titles: consecutive items of a user share a topic far more often than chance (1 / num_topics)
+    by_user = {}
+    for x in sorted(data.interactions, key=lambda x: (x.user_id, x.timestamp)):
+        by_user.setdefault(x.user_id, []).append(topics[x.item_id])
+    same = [a == b for seq in by_user.values() for a, b in zip(seq, seq[1:])]
+    assert np.mean(same) > 0.5
+    # images: the median colour (the background) is closer to the item's topic colour than to any other topic's
+    hits = total = 0
+    for item_id, it in data.items.items():
+        if it.image:
+            median = np.median(np.asarray(Image.open(it.image).convert("RGB"), dtype=float).reshape(-1, 3), 0)
+            dist = [np.linalg.norm(median - np.array(TOPICS[k][1])) for k in range(CFG.num_topics)]
+            hits += int(np.argmin(dist) == topics[item_id])
+            total += 1
+    assert hits / total > 0.85
+    assert sum(1 for it in data.items.values() if it.image is None) >= 1  # some items lack images on purpose
