@@ -35,35 +35,69 @@ def load_index(shard_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+KINDS = ("items", "train", "pairs")
+
+
 def shard_urls(shard_dir: str | Path, kind: str) -> list[str]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown shard kind {kind!r}; expected one of {KINDS}")
     index = load_index(shard_dir)
-    if kind not in ("items", "train"):
-        raise ValueError(f"unknown shard kind {kind!r}; expected items or train")
+    if kind not in index:
+        raise FileNotFoundError(f"{shard_dir} holds no {kind} shards")
     return [str(Path(shard_dir) / name) for name in index[kind]["shards"]]
 
 
-class DecodeItem:
-    """tar sample -> {"item", "item_id", "title", "image": PIL RGB | None, "image_error": str | None}."""
+def decode_image(jpg: bytes, key: str) -> tuple[Image.Image | None, str | None]:
+    try:
+        with Image.open(io.BytesIO(jpg)) as img:
+            return img.convert("RGB"), None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        log.warning("shard sample %s: corrupt image skipped (%s: %s)", key, type(e).__name__, e)
+        return None, f"{type(e).__name__}: {e}"
 
-    def __init__(self, decode_images: bool = True):
-        self.decode_images = decode_images
+
+class DecodeItem:
+    """tar sample -> {"item", "item_id", "title", "image": PIL RGB | None, "image_error": str | None}.
+
+    With decode_images=False the JPEG bytes stay undecoded under "jpg" (None when absent)."""
+
+    def __init__(self, decode_images: bool = True, prefix: str = ""):
+        self.decode_images, self.prefix = decode_images, prefix
 
     def __call__(self, sample: dict) -> dict:
+        p = self.prefix
         meta = json.loads(sample["json"])
-        out = {"item": meta["item"], "item_id": meta["item_id"], "title": sample["txt"].decode("utf-8"),
+        out = {"item": meta[p.rstrip(".") or "item"], "title": sample[p + "txt"].decode("utf-8"),
                "image": None, "image_error": None}
-        if self.decode_images and "jpg" in sample:
-            try:
-                with Image.open(io.BytesIO(sample["jpg"])) as img:
-                    out["image"] = img.convert("RGB")
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                out["image_error"] = f"{type(e).__name__}: {e}"
-                log.warning("shard sample %s: corrupt image skipped (%s)", sample["__key__"], out["image_error"])
+        if "item_id" in meta and not p:
+            out["item_id"] = meta["item_id"]
+        jpg = sample.get(p + "jpg")
+        if not self.decode_images:
+            out["jpg"] = jpg
+        elif jpg is not None:
+            out["image"], out["image_error"] = decode_image(jpg, sample["__key__"])
         return out
+
+
+class DecodePair:
+    """pair sample -> {"pair", "a": item dict, "b": item dict, "image_error"} (see shards.pairs)."""
+
+    def __init__(self, decode_images: bool = True):
+        self.a, self.b = DecodeItem(decode_images, "a."), DecodeItem(decode_images, "b.")
+
+    def __call__(self, sample: dict) -> dict:
+        a, b = self.a(sample), self.b(sample)
+        return {"pair": json.loads(sample["json"])["pair"], "a": a, "b": b,
+                "image_error": a["image_error"] or b["image_error"]}
 
 
 def decode_sequence(sample: dict) -> dict:
     return json.loads(sample["json"])
+
+
+def decoder(kind: str, decode_images: bool) -> Callable[[dict], dict]:
+    return {"items": lambda: DecodeItem(decode_images), "train": lambda: decode_sequence,
+            "pairs": lambda: DecodePair(decode_images)}[kind]()
 
 
 class SkipBadImages:
@@ -86,8 +120,8 @@ def _pipeline(urls: list[str], kind: str, decode_images: bool, skip_bad_images: 
     if split:
         stages += [wds.split_by_node, wds.split_by_worker]
     stages.append(wds.tarfile_to_samples(handler=wds.warn_and_continue))
-    stages.append(wds.map(DecodeItem(decode_images) if kind == "items" else decode_sequence))
-    if kind == "items" and skip_bad_images:
+    stages.append(wds.map(decoder(kind, decode_images)))
+    if skip_bad_images:
         stages.append(SkipBadImages(stats))
     if shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(100, shuffle_buffer), rng=random.Random(seed)))

@@ -43,7 +43,8 @@ def encode_jpeg(path: str, max_side: int, quality: int) -> bytes:
         return buf.getvalue()
 
 
-def _write(pattern: str, samples, maxcount: int, maxsize: int, desc: str, total: int) -> dict:
+def write_samples(pattern: str, samples, maxcount: int, maxsize: int, desc: str, total: int) -> dict:
+    """Write samples with a size-bounded ShardWriter; returns the index entry (names, counts, total)."""
     counts: Counter = Counter()
     with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as sink:
         for sample in tqdm(samples, total=total, desc=desc, unit="sample", leave=False):
@@ -77,9 +78,9 @@ def write_shards(ds: PreparedDataset, out: str | Path, cfg: ShardConfig) -> dict
             yield {"__key__": user_key(u.user), "json": {"user": u.user, "items": u.train}}
 
     index = {
-        "items": _write(str(out / "items-%05d.tar"), item_samples(), cfg.items_per_shard,
+        "items": write_samples(str(out / "items-%05d.tar"), item_samples(), cfg.items_per_shard,
                         cfg.max_shard_bytes, "item shards", ds.num_items),
-        "train": _write(str(out / "train-%05d.tar"), user_samples(), cfg.users_per_shard,
+        "train": write_samples(str(out / "train-%05d.tar"), user_samples(), cfg.users_per_shard,
                         cfg.max_shard_bytes, "train shards", ds.num_users),
         "num_items": ds.num_items,
         "num_users": ds.num_users,

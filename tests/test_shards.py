@@ -135,3 +135,22 @@ def test_equal_batches_reshuffles_per_epoch_and_checks_shard_count(run):
     assert first != [s["user"] for b in data for s in b]
     with pytest.raises(ValueError, match="cannot feed"):
         EqualBatches(root / "shards", "train", 4, 0, world_size=8, num_workers=4)
+
+
+def test_pair_shards_join_text_and_images(run, tmp_path):
+    from shards.pairs import write_pair_shards
+
+    root, ds = run
+    no_image = next(i.item for i in ds.items[1:] if i.image is None)
+    with_image = [i.item for i in ds.items[1:] if i.image][:5]
+    pairs = [(with_image[0], with_image[1]), (with_image[2], no_image), (with_image[3], with_image[4])]
+    metrics = write_pair_shards(pairs, root / "shards", tmp_path, pairs_per_shard=2)
+    assert metrics == {"pair_shards": 2, "pairs": 3}
+    got = sorted(stream(tmp_path, "pairs"), key=lambda s: s["pair"])
+    assert [(s["a"]["item"], s["b"]["item"]) for s in got] == pairs
+    assert [(s["a"]["title"], s["b"]["title"]) for s in got] == [(ds.items[a].title, ds.items[b].title) for a, b in pairs]
+    assert got[1]["b"]["image"] is None and got[1]["a"]["image"].mode == "RGB"
+    batches = list(EqualBatches(tmp_path, "pairs", batch_size=1, rank=0, world_size=1, shuffle_buffer=0))
+    assert len(batches) == 3
+    with pytest.raises(ValueError, match="absent from"):
+        write_pair_shards([(1, 10_000)], root / "shards", tmp_path / "bad")
