@@ -11,16 +11,23 @@ class TrainConfig:
     hidden: int = 64
     layers: int = 2
     heads: int = 2
+    ffn_dim: int = 0  # SASRec FFN inner size; 0 = hidden (paper eq. 9); RecBole uses 4*hidden
+    activation: str = "relu"  # SASRec FFN: relu (paper) | gelu (RecBole)
     dropout: float = 0.5
     max_len: int = 50
+    windows: str = "last"  # training windows per user: last (last max_len+1 train items) | all
     lr: float = 1e-3
     weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0 = off
     batch_size: int = 256  # global batch (split over ranks)
     epochs: int = 50
     patience: int = 10  # early stopping on validation NDCG@10
     eval_batch_size: int = 512
+    mask_history: bool = False  # mask the user's history items at evaluation (RecBole sequential: no)
     engine: str = "auto"  # auto | single | ddp | deepspeed
-    num_workers: int = 0
+    precision: str = "auto"  # auto (bf16 on a capable GPU, else fp32) | bf16 | fp32
+    ds_config: str = "ds_config.json"
+    zero_stage: int = -1  # -1 = the stage in ds_config
 
 
 @dataclass
@@ -29,16 +36,25 @@ class EncoderConfig:
     text_model: str = "tiny-bert"  # "tiny-bert" builds a small BertConfig model; else a local folder
     text_pooling: str = "mean"  # mean | cls
     text_max_len: int = 32
-    image_model: str = "swin_base_patch4_window7_224"  # any timm name
+    tiny_hidden: int = 128  # tiny-bert only: width, depth, heads, tokenizer vocabulary (trained on titles)
+    tiny_layers: int = 2
+    tiny_heads: int = 2
+    tiny_vocab_size: int = 4000
+    image_model: str = "swin_base_patch4_window7_224"  # any timm name; "" or "none" = text only
     image_checkpoint: str = ""  # local weights for the timm model; empty = random init
     image_size: int = 224
+    image_model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (tiny test models)
     proj_dim: int = 128
+    grad_checkpointing: bool = False  # activation checkpointing in both backbones
 
 
 @dataclass
 class SFTConfig:
     """Section `sft`: encoder supervised fine-tuning with t2t, i2i, t2i InfoNCE (§3.3.2)."""
     temperature: float = 0.05
+    normalize: bool = True  # cosine similarity; False = the paper's raw inner product
+    symmetric: bool = False  # also contrast b->a in each term (eq. 2-4 are one-directional)
+    mask_duplicates: bool = True  # the same item elsewhere in the global batch is not a negative
     lr: float = 5e-5
     micro_batch: int = 16  # per rank
     grad_accum: int = 1
