@@ -55,7 +55,7 @@ class ShardConfig:
 class Config:
     run_dir: str = "runs/demo"
     seed: int = 0
-    pipeline: list[str] = field(default_factory=lambda: ["synth", "prepare", "shard"])
+    pipeline: list[str] = field(default_factory=lambda: ["synth", "prepare", "shard", "label"])
     data: DataConfig = field(default_factory=DataConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     label: LabelConfig = field(default_factory=LabelConfig)

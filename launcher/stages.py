@@ -85,10 +85,20 @@ def shard(cfg: Config, force: bool = False) -> dict:
                      force)
 
 
+def label(cfg: Config, force: bool = False) -> dict:
+    from llm_labeling.run import label as run_label
+
+    inputs = {"prepare": _upstream(cfg, "prepare")}
+    return run_stage(_stage_dir(cfg, "label"), "label", dataclasses.asdict(cfg.label) | {"seed": cfg.seed}, inputs,
+                     lambda out: run_label(cfg.label, _stage_dir(cfg, "prepare"), out, seed=cfg.seed, force=force),
+                     force)
+
+
 STAGES: dict[str, tuple[Callable[[Config, bool], dict], str]] = {
     "synth": (synth, "write the embedded default dataset (canonical format) into <run_dir>/synth"),
     "prepare": (prepare, "validate, k-core filter, time-sort, dense ids, leave-one-out split -> <run_dir>/prepare"),
     "shard": (shard, "write WebDataset item and train-sequence shards -> <run_dir>/shards"),
+    "label": (label, "LLM picks each user's most similar earlier item (Ray fan-out) -> <run_dir>/label/pairs-*.jsonl"),
 }
 
 

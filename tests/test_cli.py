@@ -18,7 +18,7 @@ def test_demo_pipeline_prints_stats_and_skips_done_stages(tmp_path):
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["metrics"]["item_shards"] >= 1 and manifest["inputs"]["prepare"]
     second = launcher(*args)
-    assert second.returncode == 0 and second.stderr.count("skipping") == 3
+    assert second.returncode == 0 and second.stderr.count("skipping") == 4
     changed = launcher(*args, "--set", "shard.items_per_shard=7")
     assert "shard: done already" not in changed.stderr and "prepare: done already" in changed.stderr
 

@@ -1,0 +1,125 @@
+"""The labeling stage on Ray: one record per eligible user, resumable, redone when the config changes."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llm_labeling.backends import DeterministicEngine
+from llm_labeling.config import LabelConfig
+from llm_labeling.parse import parse_answer
+from llm_labeling.prompt import build_prompts, clean_title
+from llm_labeling.run import MANIFEST, label, ray_home, read_pairs, read_records
+from shards.prepared import Item, PreparedDataset, UserSequence
+
+WORDS = ["spicy", "noodles", "beef", "cake", "tea", "dance", "street", "hotpot", "cat", "guitar", "tofu", "rice"]
+
+
+def make_dataset(root: Path) -> PreparedDataset:
+    """30 users (3 of them ineligible) over 40 items with titles drawn from a small vocabulary."""
+    rng = random.Random(7)
+    items = [Item(i, f"it{i}", " ".join(rng.sample(WORDS, 2)), None) for i in range(1, 41)]
+    users = []
+    for u in range(1, 31):
+        train = [rng.randint(1, 40) for _ in range(rng.randint(2, 12))]
+        if u in (4, 17):
+            train = train[:1]  # fewer than 2 training items
+        if u == 23:
+            train = [5, 5, 5]  # nothing but the target
+        users.append(UserSequence(u, f"user{u}", train, valid=rng.randint(1, 40), test=rng.randint(1, 40)))
+    ds = PreparedDataset(items, users)
+    ds.save(root / "prepare")
+    return ds
+
+
+def reference_records(ds: PreparedDataset, cfg: LabelConfig) -> list[dict]:
+    """Single process, no Ray: prompts -> deterministic engine -> parser."""
+    prompts, _ = build_prompts(ds, ds.users, cfg.max_candidates, cfg.max_title_chars, cfg.item_noun)
+    engine = DeterministicEngine([clean_title(t, cfg.max_title_chars) for t in ds.titles()[1:]])
+    records = []
+    for prompt, answer in zip(prompts, engine.generate(prompts)):
+        outcome, similar = parse_answer(answer.text, prompt)
+        records.append({"user": prompt.user, "target": prompt.target, "similar": similar, "answer": answer.text,
+                        "outcome": outcome})
+    return records
+
+
+def shard_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != MANIFEST}
+
+
+CFG = LabelConfig(backend="deterministic", users_per_shard=8, num_actors=2, batch_size=3, max_candidates=6)
+
+
+def test_two_actors_four_shards_one_record_per_eligible_user(ray_session, tmp_path):
+    ds = make_dataset(tmp_path)
+    metrics = label(CFG, tmp_path / "prepare", tmp_path / "label")
+    assert sorted(shard_files(tmp_path / "label")) == [f"pairs-0000{k}.jsonl" for k in range(4)]
+    records = read_records(tmp_path / "label")
+    eligible = [u.user for u in ds.users if u.user not in (4, 17, 23)]
+    assert [r["user"] for r in records] == eligible  # exactly once each, in user order
+    assert records == reference_records(ds, CFG)
+    assert metrics["num_actors"] == 2 and metrics["shards"] == 4 and metrics["shards_labeled_now"] == 4
+    assert metrics["eligible_users"] == 27 and metrics["ineligible_users"] == {"no_other_item": 1, "short_history": 2}
+    assert sum(metrics["outcomes"].values()) == 27 and metrics["outcomes"]["valid"] > 0
+    assert read_pairs(tmp_path / "label") == [(r["target"], r["similar"]) for r in records if r["outcome"] == "valid"]
+    # no valid or test item ever reaches labeling
+    users = {u.user: u for u in ds.users}
+    assert all(r["target"] == users[r["user"]].train[-1] and r["similar"] in users[r["user"]].train[:-1] + [-1]
+               for r in records)
+
+
+def test_killed_run_resumes_to_the_same_result(ray_session, tmp_path):
+    make_dataset(tmp_path)
+    out = tmp_path / "label"
+    label(CFG, tmp_path / "prepare", out)
+    complete = shard_files(out)
+    # what a run killed while writing shard 2 leaves behind: shard 2 missing, a partial temp file
+    (out / "pairs-00002.jsonl").unlink()
+    (out / "pairs-00002.jsonl.tmp").write_text('{"user": 17, "targ')
+    with pytest.raises(FileNotFoundError, match="unfinished"):
+        read_pairs(out)
+    metrics = label(CFG, tmp_path / "prepare", out)
+    assert metrics["shards_labeled_now"] == 1 and metrics["prompts_labeled_now"] == 6  # users 18-24 but 23
+    assert shard_files(out) == complete  # same records, no duplicates, no temp files left
+
+    # settings that do not change answers keep the shards; ones that do redo every shard
+    assert label(dataclasses.replace(CFG, num_actors=1, max_restarts=0), tmp_path / "prepare", out)[
+        "shards_labeled_now"] == 0
+    metrics = label(dataclasses.replace(CFG, max_candidates=2), tmp_path / "prepare", out)
+    assert metrics["shards_labeled_now"] == 4
+    assert json.loads((out / MANIFEST).read_text())["config"]["max_candidates"] == 2
+    assert read_records(out) == reference_records(PreparedDataset.load(tmp_path / "prepare"),
+                                                  dataclasses.replace(CFG, max_candidates=2))
+    assert label(dataclasses.replace(CFG, max_candidates=2), tmp_path / "prepare", out, force=True)[
+        "shards_labeled_now"] == 4
+
+
+def test_a_second_driver_connects_to_a_running_cluster(ray_session, tmp_path):
+    """`label.ray_address`: a separate driver process uses the existing cluster (as on SLURM)."""
+    ds = make_dataset(tmp_path)
+    address = ray_session.get_runtime_context().gcs_address
+    code = ("import sys; from pathlib import Path; from llm_labeling.run import label, LabelConfig; "
+            f"label(LabelConfig(users_per_shard=8, max_candidates=6, ray_address={address!r}), "
+            "Path(sys.argv[1]) / 'prepare', Path(sys.argv[1]) / 'label')")
+    env = dict(os.environ, HOME=str(ray_home()))  # where the cluster's auth token is
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=Path(__file__).resolve().parents[1],
+                   env=env, timeout=120)
+    assert read_records(tmp_path / "label") == reference_records(ds, CFG)
+    assert ray_session.is_initialized() and ray_session.cluster_resources()["CPU"] == 3  # still up
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    make_dataset(tmp_path)
+    with pytest.raises(ValueError, match="unknown label.backend"):
+        label(LabelConfig(backend="gpt"), tmp_path / "prepare", tmp_path / "label")
+    with pytest.raises(ValueError, match="users_per_shard"):
+        label(LabelConfig(users_per_shard=0), tmp_path / "prepare", tmp_path / "label")
+    with pytest.raises(FileNotFoundError, match="no prepared dataset"):
+        label(LabelConfig(), tmp_path / "nothing", tmp_path / "label")
