@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from llm_labeling.config import LabelConfig
-from sicsrec.config import SFTConfig, TrainConfig
+from sicsrec.config import SFTConfig, SICSRecConfig, TrainConfig
 
 
 @dataclass
@@ -61,26 +61,31 @@ class Config:
     label: LabelConfig = field(default_factory=LabelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     train_id: TrainConfig = field(default_factory=TrainConfig)
+    sicsrec: SICSRecConfig = field(default_factory=SICSRecConfig)
 
 
 class ConfigError(ValueError):
     pass
 
 
-def _build(cls, values: dict, where: str):
+def _merge(default, values: dict, where: str):
+    """A copy of the dataclass instance `default` with `values` applied (nested sections merged,
+    so a partial override keeps the section's own defaults)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
+    cls = type(default)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
-    kwargs = {}
+    changes = {}
     for key, value in values.items():
-        hint = hints[key]
         path = f"{where}.{key}" if where else key
-        kwargs[key] = _build(hint, value, path) if dataclasses.is_dataclass(hint) else _coerce(hint, value, path)
-    return cls(**kwargs)
+        current = getattr(default, key)
+        changes[key] = (_merge(current, value, path) if dataclasses.is_dataclass(current)
+                        else _coerce(hints[key], value, path))
+    return dataclasses.replace(default, **changes)
 
 
 def _coerce(hint, value, where: str):
@@ -121,7 +126,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), raw)
-    return _build(Config, tree, "")
+    return _merge(Config(), tree, "")
 
 
 def to_dict(cfg) -> dict:

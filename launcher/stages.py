@@ -94,10 +94,18 @@ def label(cfg: Config, force: bool = False) -> dict:
                      force)
 
 
+def train_id(cfg: Config, force: bool = False) -> dict:
+    from sicsrec.train import train_id as run_train_id
+
+    _upstream(cfg, "prepare")
+    return run_train_id(cfg.train_id, _stage_dir(cfg, "prepare"), _stage_dir(cfg, "train_id"), cfg.seed, force)
+
+
 STAGES: dict[str, tuple[Callable[[Config, bool], dict], str]] = {
     "synth": (synth, "write the embedded default dataset (canonical format) into <run_dir>/synth"),
     "prepare": (prepare, "validate, k-core filter, time-sort, dense ids, leave-one-out split -> <run_dir>/prepare"),
     "shard": (shard, "write WebDataset item and train-sequence shards -> <run_dir>/shards"),
+    "train-id": (train_id, "SICSRec step 1: SASRec/GRU4Rec ID encoder, full-softmax CE, early stopping -> <run_dir>/train_id"),
     "label": (label, "LLM picks each user's most similar earlier item (Ray fan-out) -> <run_dir>/label/pairs-*.jsonl"),
 }
 

@@ -56,9 +56,53 @@ class SFTConfig:
     symmetric: bool = False  # also contrast b->a in each term (eq. 2-4 are one-directional)
     mask_duplicates: bool = True  # the same item elsewhere in the global batch is not a negative
     lr: float = 5e-5
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # 0 = off
     micro_batch: int = 16  # per rank
-    grad_accum: int = 1
+    grad_accum: int = 1  # needs engine=deepspeed
     epochs: int = 1
-    zero_stage: int = 2
+    engine: str = "deepspeed"  # deepspeed | ddp | single | auto
+    precision: str = "auto"  # auto (bf16 on a capable GPU, else fp32) | bf16 | fp32
+    zero_stage: int = 2  # -1 = the stage in ds_config
     ds_config: str = "ds_config.json"
+    holdout_fraction: float = 0.1  # labelled pairs held out (by seed) to measure retrieval before/after SFT
+    pairs_per_shard: int = 500  # lowered automatically so every rank x worker gets a shard
+    num_workers: int = 0  # data-loader workers per rank (decode + transform + tokenise)
+    eval_batch_size: int = 64
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
+
+
+@dataclass
+class EncodeConfig:
+    """Section `encode`: item embedding caches from the SFT-tuned encoders (or untuned ones)."""
+    use_sft: bool = True  # False (or no finished sft stage): encode with untuned encoders built from sft.encoders
+    batch_size: int = 64  # per rank
+    num_workers: int = 0
+    precision: str = "auto"
+
+
+def _step2_training() -> TrainConfig:
+    return TrainConfig(batch_size=1024)
+
+
+@dataclass
+class SICSRecConfig:
+    """Section `sicsrec`: step 2 (§3.5). The ID encoder is the step-1 model (section `train_id`);
+    `train` holds the optimisation settings (its model fields are not used here)."""
+    content_layers: int = 2
+    decoder_layers: int = 1
+    heads: int = 2
+    dropout: float = 0.5
+    lora_rank: int = 4
+    use_lora: bool = True
+    alpha: float = 0.1  # weight of ConCL (eq. 19); 0 = w/o ConCL
+    temperature: float = 0.05
+    reg: float = 0.01  # lambda: L2 penalty on the content adapters (the trainable E_text, E_image)
+    use_imse: bool = True
+    use_cmse: bool = True
+    use_mmsd: bool = True
+    l2norm: bool = True
+    use_text: bool = True
+    use_image: bool = True
+    strategy: str = "fixed_id"  # fixed_id (ours, Table 9) | end_to_end (ID encoder trains too)
+    train: TrainConfig = field(default_factory=_step2_training)

@@ -32,3 +32,9 @@ def test_missing_file():
 
 def test_int_accepted_for_float():
     assert load_config(None, ["data.synth.drift=1"]).data.synth.drift == 1.0
+
+
+def test_partial_override_keeps_the_sections_own_defaults():
+    cfg = load_config(None, ["sicsrec.train.lr=0.01"])
+    assert cfg.sicsrec.train.lr == 0.01 and cfg.sicsrec.train.batch_size == 1024  # step 2's default, not TrainConfig's
+    assert cfg.train_id.batch_size == 256

@@ -1,0 +1,258 @@
+"""One training engine for every trainer: a single process, DDP, or DeepSpeed (ZeRO).
+
+    engine = build_engine(model, torch.optim.AdamW(model.parameters(), lr), env, kind="ddp",
+                          micro_batch=64)
+    out = engine(*batch)          # forward through the wrapper (DDP / DeepSpeed) under autocast
+    engine.backward(loss); engine.step()
+    engine.save(ckpt_dir, {"epoch": 3}); client_state = engine.load(ckpt_dir)
+
+Checkpoints hold the model, the optimizer, the caller's client state and every rank's RNG states
+(torch, CUDA, numpy, random), so a resumed run continues exactly where the saved one stopped.
+Single / DDP checkpoints are one file written atomically by rank 0; DeepSpeed uses its own
+`save_checkpoint` on every rank (tag "last").
+
+DeepSpeed reads a JSON config (default `ds_config.json` at the repository root) whose "auto"
+values are filled here: micro batch, gradient accumulation, global batch, clipping and bf16.
+On CPU, DeepSpeed needs DS_ACCELERATOR=cpu (set here before it is imported) and a torch
+optimizer (`zero_allow_untested_optimizer`); it uses the gloo group that launcher.dist created.
+Gradient accumulation > 1 is DeepSpeed's job; the single and DDP engines step every micro batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from launcher.dist import DistEnv, device as env_device
+
+KINDS = ("auto", "single", "ddp", "deepspeed")
+REPO = Path(__file__).resolve().parents[1]
+STATE_FILE = "state.pt"
+DS_TAG = "last"
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """auto -> bf16 on a GPU that supports it, else fp32."""
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    if precision in ("bf16", "fp32"):
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+    raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_ranks_rng() -> list[dict]:
+    mine = rng_state()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def _restore_rng(states: list[dict], rank: int) -> None:
+    if rank >= len(states):
+        raise ValueError(f"checkpoint holds RNG states of {len(states)} rank(s); cannot resume rank {rank} "
+                         f"exactly (resume with the same world size)")
+    set_rng_state(states[rank])
+
+
+def load_ds_config(path: str | Path, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float,
+                   bf16: bool, zero_stage: int | None = None) -> dict:
+    """Read a DeepSpeed JSON config and fill its "auto" values from our config."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = REPO / path
+    if not path.exists():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist")
+    cfg = json.loads(path.read_text())
+    filled = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+    }
+    for key, value in filled.items():
+        if cfg.get(key, "auto") == "auto":
+            cfg[key] = value
+        elif key != "gradient_clipping" and cfg[key] != value:
+            raise ValueError(f"{path}: {key}={cfg[key]} contradicts the trainer's {value}; set it to \"auto\"")
+    cfg.setdefault("bf16", {})
+    if cfg["bf16"].get("enabled", "auto") == "auto":
+        cfg["bf16"]["enabled"] = bf16
+    if zero_stage is not None:
+        cfg.setdefault("zero_optimization", {})["stage"] = zero_stage
+    cfg["zero_allow_untested_optimizer"] = True
+    leftover = [k for k, v in cfg.items() if v == "auto"]
+    if leftover:
+        raise ValueError(f"{path}: cannot fill \"auto\" for {leftover}")
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Engine:
+    """A model and its optimizer behind one interface for single, DDP and DeepSpeed training."""
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, kind: str, env: DistEnv,
+                 device: torch.device, dtype: torch.dtype, wrapped: nn.Module, ds_engine=None, grad_clip: float = 0.0):
+        self.module, self.optimizer, self.kind, self.env = module, optimizer, kind, env
+        self.device, self.dtype, self.wrapped, self.ds = device, dtype, wrapped, ds_engine
+        self.grad_clip = grad_clip
+
+    @property
+    def zero_stage(self) -> int:
+        return self.ds.zero_optimization_stage() if self.ds is not None else 0
+
+    def autocast(self):
+        """bf16 autocast for single/DDP; DeepSpeed casts the model itself."""
+        if self.ds is None and self.dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def __call__(self, *args, **kwargs):
+        with self.autocast():
+            return self.wrapped(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> None:
+        self.wrapped.train(mode)
+
+    def eval(self) -> None:
+        self.wrapped.train(False)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.ds is not None:
+            self.ds.backward(loss)
+        else:
+            loss.backward()
+
+    def step(self) -> None:
+        if self.ds is not None:
+            self.ds.step()
+            return
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def gathered(self, modify: bool = False):
+        """Context in which `module`'s parameters are whole on every rank (ZeRO-3 partitions them).
+        With modify=True, rank 0's changes inside the context are kept (all ranks must make them)."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0 if modify else None)
+        return contextlib.nullcontext()
+
+    def module_state_dict(self) -> dict:
+        """The plain model's full weights (CPU tensors), e.g. for a best-model file."""
+        with self.gathered():
+            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def save(self, ckpt_dir: str | Path, client_state: dict) -> None:
+        """Every rank calls this. Saves model, optimizer, client state and all ranks' RNG states."""
+        ckpt_dir = Path(ckpt_dir)
+        # one key of our own: DeepSpeed adds its metadata keys to what load_checkpoint returns
+        client_state = {"sicsrec": {"client": client_state, "rng": _all_ranks_rng()}}
+        if self.ds is not None:
+            self.ds.save_checkpoint(str(ckpt_dir), tag=DS_TAG, client_state=client_state)
+            return
+        if self.env.is_main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "client_state": client_state}
+            tmp = ckpt_dir / (STATE_FILE + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, ckpt_dir / STATE_FILE)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load(self, ckpt_dir: str | Path) -> dict | None:
+        """Restore a checkpoint written by `save` (same kind); returns its client state, or None
+        when there is none. Restores this rank's RNG states."""
+        ckpt_dir = Path(ckpt_dir)
+        if self.ds is not None:
+            if not (ckpt_dir / "latest").exists():
+                return None
+            path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=DS_TAG)
+            if path is None:
+                return None
+        else:
+            if not (ckpt_dir / STATE_FILE).exists():
+                return None
+            state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            client_state = state["client_state"]
+        ours = client_state["sicsrec"]
+        _restore_rng(ours["rng"], self.env.rank)
+        return ours["client"]
+
+
+def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, kind: str = "auto",
+                 micro_batch: int = 1, grad_accum: int = 1, grad_clip: float = 0.0, precision: str = "auto",
+                 ds_config: str | Path = "ds_config.json", zero_stage: int | None = None) -> Engine:
+    """Move `module` to this rank's device and wrap it. kind "auto" = DDP when distributed, else
+    single. `optimizer` must already hold `module`'s parameters. micro_batch is per rank."""
+    if kind not in KINDS:
+        raise ValueError(f"engine must be one of {KINDS}, got {kind!r}")
+    if kind == "auto":
+        kind = "ddp" if env.distributed else "single"
+    if kind == "ddp" and not env.distributed:
+        kind = "single"  # DDP over one process is a single process
+    if kind != "deepspeed" and grad_accum != 1:
+        raise ValueError("gradient accumulation needs engine=deepspeed")
+    device = env_device(env)
+    dtype = resolve_precision(precision, device)
+    module.to(device)
+    if kind == "single":
+        return Engine(module, optimizer, kind, env, device, dtype, module, grad_clip=grad_clip)
+    if kind == "ddp":
+        if not dist.is_initialized():
+            raise RuntimeError("engine=ddp needs torch.distributed initialised (launcher.dist.init) under torchrun")
+        wrapped = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        return Engine(module, optimizer, kind, env, device, dtype, wrapped, grad_clip=grad_clip)
+
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("DS_BUILD_OPS", "0")
+    import deepspeed
+
+    if not dist.is_initialized():  # a single process: DeepSpeed still wants a process group
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(env.world_size)))
+    deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else
+                               ("nccl" if device.type == "cuda" else "gloo"), verbose=False)
+    config = load_ds_config(ds_config, micro_batch, grad_accum, env.world_size, grad_clip,
+                            dtype == torch.bfloat16, zero_stage)
+    ds_engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    dtype = torch.bfloat16 if config["bf16"]["enabled"] else torch.float32
+    return Engine(module, ds_optimizer, kind, env, device, dtype, ds_engine, ds_engine, grad_clip)

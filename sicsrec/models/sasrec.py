@@ -1,0 +1,156 @@
+"""SASRec (Kang & McAuley 2018), the ID-modality sequence encoder of SICSRec (§3.4.2).
+
+Layout (RecBole's SASRec, which the official SICSRec code builds on): item embedding + learnable
+position embedding -> LayerNorm -> dropout -> N blocks of [causal self-attention, residual,
+LayerNorm; point-wise FFN, residual, LayerNorm]. The FFN is ReLU(x W1 + b1) W2 + b2 with W1, W2
+d x d by default (paper eq. 9); `ffn_dim`/`activation` give RecBole's variant (4d, GELU).
+
+Inputs are left-padded with item 0: the last column is always the most recent item, so
+`sequence_repr` is `hidden[:, -1]`. Positions count from the oldest real item (RecBole's
+convention), so the hidden state at position t of a training window equals the representation
+of the prefix up to t: training at every position matches evaluating prefixes.
+Attention uses plain `nn.Linear` layers named q_proj/k_proj/v_proj/out_proj and ffn.fc1/fc2, so
+SICSRec step 2 can wrap them with peft LoRA.
+
+Scores are h . e_item with the input item embedding (tied); the padding column is -inf.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+def item_positions(items: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded [B, L] items: 0 = the oldest real item (RecBole's convention),
+    so left padding never shifts a real item's position; padding positions get 0."""
+    return ((items != 0).cumsum(1) - 1).clamp(min=0)
+
+
+def causal_padding_mask(items: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, L, L] mask, True where query i may attend to key j: j <= i and key j is a
+    real item. Each position may always attend to itself, so a padding row never has an empty
+    softmax (no NaN) and never sees a future position."""
+    length = items.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
+    real_key = (items != 0)[:, None, :]  # [B, 1, L]
+    self_only = torch.eye(length, dtype=torch.bool, device=items.device)
+    return ((causal & real_key) | self_only)[:, None]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, dropout: float):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden size {hidden} is not divisible by {heads} heads")
+        self.heads, self.dropout = heads, dropout
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden)
+        self.out_proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+
+        def split(t):
+            return t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, hidden))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, hidden: int, inner: int, activation: str):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        self.fc1 = nn.Linear(hidden, inner)
+        self.act = ACTIVATIONS[activation]()
+        self.fc2 = nn.Linear(inner, hidden)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, hidden: int, heads: int, inner: int, dropout: float, activation: str):
+        super().__init__()
+        self.attn = CausalSelfAttention(hidden, heads, dropout)
+        self.attn_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.ffn = FeedForward(hidden, inner, activation)
+        self.ffn_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask):
+        x = self.attn_norm(x + self.drop(self.attn(x, mask)))
+        return self.ffn_norm(x + self.drop(self.ffn(x)))
+
+
+class SequentialRecommender(nn.Module):
+    """What every ID recommender offers: hidden states, the last-position representation and
+    full-softmax scores against the (tied) item embedding table."""
+
+    item_emb: nn.Embedding
+
+    def hidden_states(self, items: torch.Tensor) -> torch.Tensor:
+        """[B, L] left-padded item ids -> [B, L, d] hidden state at every position."""
+        raise NotImplementedError
+
+    def sequence_repr(self, items: torch.Tensor) -> torch.Tensor:
+        """[B, L] left-padded item ids -> [B, d] user representation (last position)."""
+        return self.hidden_states(items)[:, -1]
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        return self.hidden_states(items)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., d] -> [..., N+1] fp32 scores h . e_item; padding item 0 is never a candidate (-inf)."""
+        with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits: bf16 would tie many items
+            scores = hidden.float() @ self.item_emb.weight.float().T
+        scores[..., 0] = float("-inf")
+        return scores
+
+    def score_all(self, items: torch.Tensor) -> torch.Tensor:
+        """[B, L] histories -> [B, N+1] scores over all items (the evaluation `score_fn`)."""
+        return self.logits(self.sequence_repr(items))
+
+
+class SASRec(SequentialRecommender):
+    def __init__(self, num_items: int, hidden: int = 64, layers: int = 2, heads: int = 2, dropout: float = 0.5,
+                 max_len: int = 50, ffn_dim: int = 0, activation: str = "relu"):
+        super().__init__()
+        self.num_items, self.max_len = num_items, max_len
+        self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_len, hidden)
+        self.emb_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.emb_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(hidden, heads, ffn_dim or hidden, dropout, activation)
+                                    for _ in range(layers))
+        self.apply(_init_weights)
+
+    def hidden_states(self, items: torch.Tensor) -> torch.Tensor:
+        length = items.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}; truncate the history")
+        x = self.emb_drop(self.emb_norm(self.item_emb(items) + self.pos_emb(item_positions(items))))
+        mask = causal_padding_mask(items)
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+
+def _init_weights(module: nn.Module) -> None:
+    """RecBole's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorm."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        nn.init.zeros_(module.weight[module.padding_idx])
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

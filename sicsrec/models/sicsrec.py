@@ -1,0 +1,173 @@
+"""SICSRec's sequence preference model (§3.4) and its step-2 set-up (§3.5).
+
+  IMSE  the step-1 SASRec, frozen, its attention/FFN linears wrapped with peft LoRA (eq. 20)
+  content  cached text / image embeddings (frozen buffers) -> MLP adapters to d ->
+           e_cont = (e_text + e_ima) / ||e_text + e_ima|| (eq. 10) + positions
+  CMSE  causal transformer over the content sequence (eq. 11-12)
+  MMSD  cross-attention decoder, query = IMSE states, key/value = CMSE states, then FFN (eq. 13-14);
+        its layers are chained (the official code let only the last act)
+  aggregation  h_a = Linear(concat(h_e, h_c, h_m)) (eq. 15); scores h_a . e_id (eq. 16) with the
+        frozen ID embedding table, the padding column -inf, at train and test time alike.
+
+Deviations, chosen on purpose: the content positions are a learnable table shared by text and
+image (eq. 6-7) initialised from the ID encoder's, because the ID copy is frozen in step 2;
+positions are added after the eq. 10 normalisation so they are not rescaled with the content.
+Items without an image use their text alone (their image row is masked, not a zero vector
+passed through the adapter's bias).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sicsrec.models.sasrec import SASRec, TransformerBlock, causal_padding_mask, item_positions
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+@dataclass
+class SICSRecVariant:
+    """Ablations of Table 6/7 as switches (all True = the full model)."""
+    use_imse: bool = True  # ID-modality sequence encoder
+    use_cmse: bool = True  # content-modality sequence encoder
+    use_mmsd: bool = True  # mix-modality sequence decoder
+    l2norm: bool = True  # eq. 10 fusion; False = two content encoders (text, image) summed
+    use_text: bool = True
+    use_image: bool = True
+
+
+class Adapter(nn.Sequential):
+    def __init__(self, dim_in: int, hidden: int, dropout: float):
+        super().__init__(nn.Linear(dim_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
+
+
+class CrossAttentionBlock(TransformerBlock):
+    """A TransformerBlock whose keys/values come from another sequence (eq. 13-14)."""
+
+    def forward(self, x, context, mask):
+        a = self.attn
+        batch, length, hidden = x.shape
+
+        def split(t):
+            return t.view(batch, length, a.heads, hidden // a.heads).transpose(1, 2)
+
+        q, k, v = split(a.q_proj(x)), split(a.k_proj(context)), split(a.v_proj(context))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=a.dropout if self.training else 0.0)
+        x = self.attn_norm(x + self.drop(a.out_proj(out.transpose(1, 2).reshape(batch, length, hidden))))
+        return self.ffn_norm(x + self.drop(self.ffn(x)))
+
+
+class SICSRec(nn.Module):
+    def __init__(self, id_encoder: SASRec, text_table: torch.Tensor | None, image_table: torch.Tensor | None,
+                 has_image: torch.Tensor | None = None, content_layers: int = 2, decoder_layers: int = 1,
+                 heads: int = 2, dropout: float = 0.5, variant: SICSRecVariant | None = None):
+        super().__init__()
+        self.variant = v = variant or SICSRecVariant()
+        if not (v.use_imse or v.use_cmse):
+            raise ValueError("the model needs the ID encoder, the content encoder, or both")
+        if v.use_mmsd and not (v.use_imse and v.use_cmse):
+            raise ValueError("the mix decoder needs both the ID and the content encoder")
+        text_table = text_table if v.use_text else None
+        image_table = image_table if v.use_image else None
+        if v.use_cmse and text_table is None and image_table is None:
+            raise ValueError("the content encoder needs a text or an image embedding table")
+        self.id_encoder = id_encoder
+        hidden, num_items = id_encoder.item_emb.embedding_dim, id_encoder.num_items
+        self.max_len = id_encoder.max_len
+        # Cached content embeddings are buffers: saved with the model, never trained.
+        for name, table in (("text_table", text_table), ("image_table", image_table)):
+            if table is not None and table.shape[0] != num_items + 1:
+                raise ValueError(f"{name} has {table.shape[0]} rows, expected {num_items + 1} (padding + items)")
+            self.register_buffer(name, None if table is None else table.float().clone())
+        mask = has_image if has_image is not None else torch.ones(num_items + 1, dtype=torch.bool)
+        self.register_buffer("has_image", mask.bool().clone())
+        self.text_adapter = Adapter(text_table.shape[1], hidden, dropout) if text_table is not None else None
+        self.image_adapter = Adapter(image_table.shape[1], hidden, dropout) if image_table is not None else None
+        self.content_pos = nn.Embedding(self.max_len, hidden)
+        self.content_pos.weight.data.copy_(id_encoder.pos_emb.weight.data)
+        self.content_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.drop = nn.Dropout(dropout)
+
+        def blocks(n, cls=TransformerBlock):
+            return nn.ModuleList(cls(hidden, heads, hidden, dropout, "relu") for _ in range(n))
+
+        streams = 1 if v.l2norm or self.image_adapter is None or self.text_adapter is None else 2
+        self.cmse = nn.ModuleList(blocks(content_layers) for _ in range(streams)) if v.use_cmse else None
+        self.mmsd = blocks(decoder_layers, CrossAttentionBlock) if v.use_mmsd else None
+        parts = int(v.use_imse) + int(v.use_cmse) + int(v.use_mmsd)
+        self.aggregate = nn.Linear(parts * hidden, hidden)
+
+    # -- content ------------------------------------------------------------------------------
+    def content_embedding(self, items: torch.Tensor) -> list[torch.Tensor]:
+        """Item content embeddings [..., d]: one unified (eq. 10), or [text, image] without L2-norm."""
+        text = self.text_adapter(self.text_table[items]) if self.text_adapter is not None else None
+        image = None
+        if self.image_adapter is not None:
+            image = self.image_adapter(self.image_table[items]) * self.has_image[items, None]
+        if text is None or image is None:
+            return [F.normalize(text if image is None else image, dim=-1)]
+        if self.variant.l2norm:
+            return [F.normalize(text + image, dim=-1)]
+        return [F.normalize(text, dim=-1), F.normalize(image, dim=-1)]
+
+    def unified_content(self, items: torch.Tensor) -> torch.Tensor:
+        """The content representation of items for ConCL (eq. 18): unit-norm [..., d]."""
+        return F.normalize(torch.stack(self.content_embedding(items)).sum(0), dim=-1)
+
+    def content_states(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        positions = self.content_pos(item_positions(items))
+        states = []
+        for stream, emb in zip(self.cmse, self.content_embedding(items)):
+            x = self.drop(self.content_norm(emb + positions))
+            for block in stream:
+                x = block(x, mask)
+            states.append(x)
+        return torch.stack(states).sum(0)
+
+    # -- the model ---------------------------------------------------------------------------
+    def hidden_states(self, items: torch.Tensor) -> torch.Tensor:
+        """[B, L] left-padded histories -> h_a at every position [B, L, d]."""
+        if items.shape[1] > self.max_len:
+            raise ValueError(f"sequence length {items.shape[1]} exceeds max_len {self.max_len}")
+        mask = causal_padding_mask(items)
+        parts = []
+        h_e = self.id_encoder.hidden_states(items) if self.variant.use_imse else None
+        h_c = self.content_states(items, mask) if self.variant.use_cmse else None
+        parts += [h for h in (h_e, h_c) if h is not None]
+        if self.mmsd is not None:
+            h_m = h_e
+            for block in self.mmsd:
+                h_m = block(h_m, h_c, mask)
+            parts.append(h_m)
+        return self.aggregate(torch.cat(parts, dim=-1))
+
+    def sequence_repr(self, items: torch.Tensor) -> torch.Tensor:
+        return self.hidden_states(items)[:, -1]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.id_encoder.logits(hidden)
+
+    def score_all(self, items: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.sequence_repr(items))
+
+
+def freeze_with_lora(id_encoder: SASRec, rank: int = 4, alpha: int | None = None, dropout: float = 0.0,
+                     use_lora: bool = True) -> SASRec:
+    """Freeze every weight of the step-1 encoder and (optionally) inject peft LoRA into its
+    attention and FFN linears: W0 + B A with A ~ normal, B = 0 (eq. 20), so the step-2 model
+    starts exactly at the step-1 function. Only `lora_` parameters remain trainable."""
+    for p in id_encoder.parameters():
+        p.requires_grad_(False)
+    if not use_lora:
+        return id_encoder
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=LORA_TARGETS,
+                        init_lora_weights="gaussian")
+    model = inject_adapter_in_model(config, id_encoder)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model

@@ -1,0 +1,321 @@
+"""SICSRec step 1: train the ID encoder (SASRec or GRU4Rec) with next-item full-softmax CE.
+
+`train_id(cfg, prepared_dir, out_dir, seed)` runs as one process, under `torchrun` with DDP
+(gloo on CPU, nccl on GPU) or with DeepSpeed (`ds_config.json`). Per step:
+- the global batch (cfg.batch_size windows, order a function of (seed, epoch)) is split over
+  ranks; a final global batch smaller than the world size is dropped so every rank has work;
+- the loss is the mean CE over all target positions of the global batch: each rank scales its
+  CE sum by world_size / (global target count), and DDP/DeepSpeed average the gradients, so any
+  world size follows the same loss curve as one process on the same global batch.
+After each epoch: validation Hit/NDCG@5/10/20 (sharded over ranks), early stopping on NDCG@10
+with `patience`, the best weights in `best_model.pt`, and a checkpoint (model, optimizer, epoch,
+best metric, patience counter, RNG states) from which a killed run resumes to the same result.
+Test metrics use the best weights. Outputs in out_dir: metrics.json, best_model.pt,
+checkpoint/, train_log.jsonl (loss per step), tensorboard/, manifest.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from launcher import dist as distenv
+from launcher.rundir import fingerprint, hash_files, read_manifest, run_stage
+from shards.prepared import PreparedDataset
+from sicsrec.config import TrainConfig
+from sicsrec.data import collate, epoch_batches, rank_slice, train_windows
+from sicsrec.engine import Engine, build_engine
+from sicsrec.evaluate import evaluate
+from sicsrec.models.gru4rec import GRU4Rec
+from sicsrec.models.sasrec import SASRec, SequentialRecommender
+
+log = logging.getLogger(__name__)
+SELECT_METRIC = "ndcg@10"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by `stop_after_epoch` to simulate a killed run (the checkpoint is already saved)."""
+
+
+def build_model(cfg: TrainConfig, num_items: int) -> SequentialRecommender:
+    if cfg.model == "sasrec":
+        return SASRec(num_items, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout, cfg.max_len, cfg.ffn_dim,
+                      cfg.activation)
+    if cfg.model == "gru4rec":
+        return GRU4Rec(num_items, cfg.hidden, cfg.layers, cfg.dropout, cfg.max_len)
+    raise ValueError(f"train_id.model must be sasrec or gru4rec, got {cfg.model!r}")
+
+
+class NextItemLoss(nn.Module):
+    """Wraps a recommender for DDP/DeepSpeed: (inputs, targets) -> (CE sum, number of targets).
+    Target 0 marks padding: never a target; the padding item's logit is -inf in `logits`."""
+
+    def __init__(self, recommender: SequentialRecommender):
+        super().__init__()
+        self.recommender = recommender
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
+        hidden = self.recommender.hidden_states(inputs)
+        real = targets != 0
+        logits = self.recommender.logits(hidden[real])
+        return F.cross_entropy(logits, targets[real], reduction="sum"), real.sum()
+
+
+def _all_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _evaluate(engine: Engine, model: SequentialRecommender, dataset: PreparedDataset, split: str,
+              cfg: TrainConfig, progress: bool) -> dict:
+    engine.eval()
+
+    def score_fn(histories: torch.Tensor) -> torch.Tensor:
+        with engine.autocast():
+            hidden = model.sequence_repr(histories)
+        return model.logits(hidden)
+
+    with engine.gathered():
+        return evaluate(score_fn, dataset, split, cfg.max_len, cfg.eval_batch_size, mask_history=cfg.mask_history,
+                        device=engine.device, progress=progress)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, dataset: PreparedDataset, out_dir: Path, seed: int, env, run_id: str):
+        if cfg.batch_size % env.world_size:
+            raise ValueError(f"train_id.batch_size {cfg.batch_size} is not divisible by the world size {env.world_size}")
+        if cfg.patience < 1 or cfg.epochs < 1:
+            raise ValueError("train_id.epochs and train_id.patience must be >= 1")
+        self.cfg, self.dataset, self.out, self.seed, self.env, self.run_id = cfg, dataset, out_dir, seed, env, run_id
+        self.windows = train_windows(dataset, cfg.max_len, cfg.windows)
+        if not self.windows:
+            raise ValueError("no user has >= 2 training items: nothing to train on")
+        torch.manual_seed(seed)  # the same initial weights on every rank
+        self.model, loss_module = self.build()
+        trainable = [p for p in loss_module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.engine = build_engine(loss_module, optimizer, env, cfg.engine,
+                                   micro_batch=cfg.batch_size // env.world_size, grad_clip=cfg.grad_clip,
+                                   precision=cfg.precision, ds_config=cfg.ds_config,
+                                   zero_stage=None if cfg.zero_stage < 0 else cfg.zero_stage)
+        torch.manual_seed(seed * 1000 + env.rank)  # dropout streams differ per rank
+        self.ckpt_dir = out_dir / "checkpoint"
+        self.state = {"run_id": run_id, "epoch": -1, "step": 0, "best_metric": float("-inf"), "best_epoch": -1,
+                      "bad_epochs": 0, "stopped": False, "history": []}
+
+    def build(self) -> tuple[SequentialRecommender, nn.Module]:
+        """(recommender, loss module). Subclasses (SICSRec step 2) override this. The loss module
+        maps (inputs, targets) to (CE sum, number of targets) or (CE sum, number of targets,
+        extra): `extra` is a per-rank mean term added to the loss (its gradient is averaged over
+        ranks like the CE's). The loss module holds the recommender as `.recommender`."""
+        model = build_model(self.cfg, self.dataset.num_items)
+        return model, NextItemLoss(model)
+
+    def resume(self) -> None:
+        """Load the last checkpoint if it belongs to this run (same config, inputs and seed)."""
+        stamp = self.ckpt_dir / "run_id"
+        if stamp.exists() and stamp.read_text() != self.run_id:
+            distenv.barrier()
+            if self.env.is_main:
+                log.warning("checkpoint in %s is from another config; starting over", self.ckpt_dir)
+                shutil.rmtree(self.ckpt_dir)
+            distenv.barrier()
+        client_state = self.engine.load(self.ckpt_dir) if stamp.exists() else None
+        if client_state is not None:
+            self.state = client_state
+            log.info("resumed from %s after epoch %d", self.ckpt_dir, self.state["epoch"])
+
+    def save(self) -> None:
+        self.engine.save(self.ckpt_dir, self.state)
+        if self.env.is_main:
+            (self.ckpt_dir / "run_id").write_text(self.run_id)
+        distenv.barrier()
+
+    def train_epoch(self, epoch: int, tb) -> dict:
+        env, cfg = self.env, self.cfg
+        batches = [b for b in epoch_batches(len(self.windows), cfg.batch_size, self.seed, epoch) if len(b) >= env.world_size]
+        self.engine.train()
+        loss_sum = targets_sum = sequences = extra_sum = 0.0
+        start = time.time()
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not env.is_main, leave=False)
+        log_lines = []
+        for batch in bar:
+            inputs, targets = collate([self.windows[i] for i in rank_slice(batch, env.rank, env.world_size)], cfg.max_len)
+            local_sum, local_count, *extra = self.engine(inputs.to(self.engine.device), targets.to(self.engine.device))
+            extra = extra[0] if extra else local_sum.new_zeros(())
+            totals = _all_sum(torch.stack([local_sum.detach().float(), local_count.float(), extra.detach().float()]))
+            self.engine.backward(local_sum * env.world_size / totals[1] + extra)
+            self.engine.step()
+            step_loss = (totals[0] / totals[1] + totals[2] / env.world_size).item()
+            self.state["step"] += 1
+            loss_sum += totals[0].item()
+            targets_sum += totals[1].item()
+            extra_sum += totals[2].item() / env.world_size
+            sequences += len(batch)
+            rate = sequences / max(time.time() - start, 1e-9)
+            bar.set_postfix(loss=f"{step_loss:.4f}", seq_s=f"{rate:.0f}")
+            if tb:
+                tb.add_scalar("train/loss", step_loss, self.state["step"])
+            log_lines.append(json.dumps({"epoch": epoch, "step": self.state["step"], "loss": step_loss}))
+        seconds = time.time() - start
+        if env.is_main:
+            with open(self.out / "train_log.jsonl", "a") as f:
+                f.write("".join(line + "\n" for line in log_lines))
+        return {"loss": loss_sum / max(targets_sum, 1), "extra_loss": extra_sum / max(len(batches), 1),
+                "seconds": seconds, "sequences": sequences, "targets": targets_sum}
+
+    def fit(self, stop_after_epoch: int | None = None) -> dict:
+        env, cfg, state = self.env, self.cfg, self.state
+        tb = None
+        if env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=state["step"] + 1)
+            self._trim_train_log(state["epoch"])
+        try:
+            for epoch in range(state["epoch"] + 1, cfg.epochs):
+                if state["stopped"]:
+                    break
+                train = self.train_epoch(epoch, tb)
+                eval_start = time.time()
+                valid = _evaluate(self.engine, self.model, self.dataset, "valid", cfg, env.is_main)
+                train["eval_seconds"] = time.time() - eval_start
+                self._end_epoch(epoch, train, valid, tb)
+                if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                    raise TrainingInterrupted(f"stopped after epoch {epoch} (checkpoint saved)")
+        finally:
+            if tb:
+                tb.close()
+        return self._final_metrics()
+
+    def _end_epoch(self, epoch: int, train: dict, valid: dict, tb) -> None:
+        state = self.state
+        improved = valid[SELECT_METRIC] > state["best_metric"]
+        if improved:
+            state.update(best_metric=valid[SELECT_METRIC], best_epoch=epoch, bad_epochs=0)
+            best = self.engine.module_state_dict()
+            if self.env.is_main:
+                torch.save(self.model_state(best), self.out / "best_model.pt.tmp")
+                os.replace(self.out / "best_model.pt.tmp", self.out / "best_model.pt")
+        else:
+            state["bad_epochs"] += 1
+        state["stopped"] = state["bad_epochs"] >= self.cfg.patience
+        state["epoch"] = epoch
+        state["history"].append({"epoch": epoch, "loss": train["loss"], "extra_loss": train["extra_loss"],
+                                 "seconds": train["seconds"],
+                                 "eval_seconds": train["eval_seconds"], "sequences": train["sequences"],
+                                 "targets": train["targets"], **{f"valid_{k}": v for k, v in valid.items()}})
+        if self.env.is_main:
+            log.info("epoch %d: loss %.4f, valid %s %.4f (best %.4f at epoch %d), %.1f s", epoch, train["loss"],
+                     SELECT_METRIC, valid[SELECT_METRIC], state["best_metric"], state["best_epoch"], train["seconds"])
+            tb.add_scalar("train/epoch_loss", train["loss"], state["step"])
+            tb.add_scalar("train/sequences_per_s", train["sequences"] / train["seconds"], state["step"])
+            for name, value in valid.items():
+                if name != "users":
+                    tb.add_scalar(f"valid/{name}", value, state["step"])
+            tb.flush()
+        self.save()
+
+    @staticmethod
+    def model_state(full_state: dict) -> dict:
+        """NextItemLoss's state dict -> the recommender's own (drop the `recommender.` prefix)."""
+        prefix = "recommender."
+        return {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
+
+    def _trim_train_log(self, last_epoch: int) -> None:
+        """Drop log lines of epochs after the checkpoint (a killed run may have logged some)."""
+        path = self.out / "train_log.jsonl"
+        if path.exists():
+            lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["epoch"] <= last_epoch]
+            path.write_text("".join(l + "\n" for l in lines))
+
+    def _final_metrics(self) -> dict:
+        state, cfg, env = self.state, self.cfg, self.env
+        distenv.barrier()
+        best = torch.load(self.out / "best_model.pt", map_location="cpu", weights_only=True)
+        with self.engine.gathered(modify=True):
+            self.model.load_state_dict(best)
+        valid = _evaluate(self.engine, self.model, self.dataset, "valid", cfg, env.is_main)
+        test = _evaluate(self.engine, self.model, self.dataset, "test", cfg, env.is_main)
+        history = state["history"]
+        train_seconds = sum(h["seconds"] for h in history)
+        metrics = {
+            "model": cfg.model, "engine": self.engine.kind, "zero_stage": self.engine.zero_stage,
+            "world_size": env.world_size,
+            "best_epoch": state["best_epoch"], "epochs_run": len(history), "early_stopped": state["stopped"],
+            "valid": valid, "test": test,
+            "seconds_per_epoch": train_seconds / len(history),
+            "eval_seconds_per_epoch": sum(h["eval_seconds"] for h in history) / len(history),
+            "sequences_per_s": sum(h["sequences"] for h in history) / train_seconds,
+            "targets_per_s": sum(h["targets"] for h in history) / train_seconds,
+            "history": history,
+        }
+        if env.is_main:
+            _write_json(self.out / "metrics.json", metrics)
+            log.info("best epoch %d: test ndcg@10 %.4f hit@10 %.4f", state["best_epoch"], test["ndcg@10"], test["hit@10"])
+        return metrics
+
+
+def load_id_encoder(train_dir: str | Path) -> SequentialRecommender:
+    """The trained ID encoder of a finished `train_id` stage (best weights, eval mode), e.g. for
+    SICSRec step 2, which freezes it and adds LoRA."""
+    train_dir = Path(train_dir)
+    manifest = read_manifest(train_dir)
+    if manifest is None or not (train_dir / "best_model.pt").exists():
+        raise FileNotFoundError(f"{train_dir} holds no finished train_id stage (manifest.json, best_model.pt)")
+    cfg = TrainConfig(**{k: v for k, v in manifest["config"].items() if k != "seed"})
+    state = torch.load(train_dir / "best_model.pt", map_location="cpu", weights_only=True)
+    model = build_model(cfg, state["item_emb.weight"].shape[0] - 1)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _prepared_fingerprint(prepared_dir: Path) -> str:
+    manifest = read_manifest(prepared_dir)
+    if manifest:
+        return manifest["fingerprint"]
+    return hash_files([prepared_dir / "items.jsonl", prepared_dir / "sequences.jsonl"])
+
+
+def train_id(cfg: TrainConfig, prepared_dir: str | Path, out_dir: str | Path, seed: int, force: bool = False,
+             stop_after_epoch: int | None = None) -> dict:
+    """Stage `train-id`: train the ID encoder on <run_dir>/prepare, write <run_dir>/train_id.
+
+    Reads the distributed environment (torchrun / SLURM) itself. Returns the stage manifest
+    (metrics under "metrics"). A run with an existing matching manifest is skipped unless force;
+    a run with a checkpoint but no manifest resumes. `stop_after_epoch` simulates a kill (tests).
+    """
+    env = distenv.init(distenv.detect())
+    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
+    dataset = PreparedDataset.load(prepared_dir)
+    section = dict(dataclasses.asdict(cfg), seed=seed)
+    inputs = {"prepare": _prepared_fingerprint(prepared_dir)}
+    run_id = fingerprint(section, inputs)
+
+    def body(out: Path) -> dict:
+        if force and env.is_main and (out / "checkpoint").exists():
+            shutil.rmtree(out / "checkpoint")
+        distenv.barrier()
+        trainer = Trainer(cfg, dataset, out, seed, env, run_id)
+        trainer.resume()
+        metrics = trainer.fit(stop_after_epoch)
+        return {k: v for k, v in metrics.items() if k != "history"}
+
+    return run_stage(out_dir, "train_id", section, inputs, body, force, env.is_main)

@@ -1,0 +1,74 @@
+"""SASRec / GRU4Rec: causality, padding invariance, the CE objective and LoRA-ready layer names."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sicsrec.data import collate, pad_left
+from sicsrec.models.gru4rec import GRU4Rec
+from sicsrec.models.sasrec import SASRec
+from sicsrec.train import NextItemLoss
+
+NUM_ITEMS = 20
+
+
+def models():
+    torch.manual_seed(0)
+    return [SASRec(NUM_ITEMS, hidden=16, layers=2, heads=2, dropout=0.0, max_len=8).eval(),
+            GRU4Rec(NUM_ITEMS, hidden=16, layers=1, dropout=0.0, max_len=8).eval()]
+
+
+@pytest.mark.parametrize("model", models(), ids=["sasrec", "gru4rec"])
+def test_no_position_sees_the_future_or_the_padding(model):
+    seq = [3, 7, 1, 9, 4]
+    base = model.hidden_states(pad_left([seq], 8))
+    changed_future = model.hidden_states(pad_left([seq[:3] + [11, 12]], 8))
+    torch.testing.assert_close(base[:, :-2], changed_future[:, :-2])  # positions up to item 3 unchanged
+    assert not torch.allclose(base[:, -1], changed_future[:, -1])
+    # more left padding changes nothing for the real positions
+    short = model.hidden_states(pad_left([seq], 5))
+    torch.testing.assert_close(base[:, -5:], short, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.sequence_repr(pad_left([seq], 8)), base[:, -1])
+    # an all-padding row (empty history) gives finite values
+    assert torch.isfinite(model.hidden_states(torch.zeros(2, 8, dtype=torch.long))).all()
+
+
+@pytest.mark.parametrize("model", models(), ids=["sasrec", "gru4rec"])
+def test_full_softmax_ce_over_all_positions_ignores_padding(model):
+    windows = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
+    inputs, targets = collate(windows, max_len=8)
+    loss_sum, count = NextItemLoss(model)(inputs, targets)
+    # reference: one prediction at a time, scoring items 1..N only (the padding item is no candidate)
+    expected, n = 0.0, 0
+    for w in windows:
+        w = w[-9:]
+        for t in range(1, len(w)):
+            h = model.sequence_repr(pad_left([w[:t]], 8))[0]
+            logits = h @ model.item_emb.weight[1:].T
+            expected += F.cross_entropy(logits[None], torch.tensor([w[t] - 1]), reduction="sum")
+            n += 1
+    assert count.item() == n == 5 + 1 + 8
+    torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-5)
+    scores = model.score_all(inputs)
+    assert scores.shape == (3, NUM_ITEMS + 1) and torch.isinf(scores[:, 0]).all()
+
+
+def test_sasrec_layers_have_stable_linear_names_for_lora():
+    from peft import LoraConfig, get_peft_model
+
+    model = models()[0]
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for block in range(2):
+        for suffix in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "ffn.fc1", "ffn.fc2"):
+            assert f"blocks.{block}.{suffix}" in names
+    inputs = pad_left([[1, 2, 3], [4, 5, 6, 7]], 8)
+    before = model.score_all(inputs)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj",
+                                                                   "fc1", "fc2"]))
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    torch.testing.assert_close(lora.base_model.model.score_all(inputs), before)  # LoRA starts as identity
+
+
+def test_sasrec_rejects_too_long_sequences():
+    with pytest.raises(ValueError, match="max_len"):
+        models()[0].hidden_states(torch.ones(1, 9, dtype=torch.long))
