@@ -101,11 +101,19 @@ def train_id(cfg: Config, force: bool = False) -> dict:
     return run_train_id(cfg.train_id, _stage_dir(cfg, "prepare"), _stage_dir(cfg, "train_id"), cfg.seed, force)
 
 
+def train_sicsrec(cfg: Config, force: bool = False) -> dict:
+    from sicsrec.train_sicsrec import train_sicsrec as run_train_sicsrec
+
+    return run_train_sicsrec(cfg, force)
+
+
 STAGES: dict[str, tuple[Callable[[Config, bool], dict], str]] = {
     "synth": (synth, "write the embedded default dataset (canonical format) into <run_dir>/synth"),
     "prepare": (prepare, "validate, k-core filter, time-sort, dense ids, leave-one-out split -> <run_dir>/prepare"),
     "shard": (shard, "write WebDataset item and train-sequence shards -> <run_dir>/shards"),
     "train-id": (train_id, "SICSRec step 1: SASRec/GRU4Rec ID encoder, full-softmax CE, early stopping -> <run_dir>/train_id"),
+    "train-sicsrec": (train_sicsrec, "SICSRec step 2: frozen step-1 encoder + LoRA, content encoder, mix decoder, "
+                      "CE + alpha ConCL -> <run_dir>/sicsrec"),
     "label": (label, "LLM picks each user's most similar earlier item (Ray fan-out) -> <run_dir>/label/pairs-*.jsonl"),
 }
 

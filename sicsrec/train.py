@@ -128,8 +128,12 @@ class Trainer:
         model = build_model(self.cfg, self.dataset.num_items)
         return model, NextItemLoss(model)
 
-    def resume(self) -> None:
-        """Load the last checkpoint if it belongs to this run (same config, inputs and seed)."""
+    def resume(self, restart: bool = False) -> None:
+        """Load the last checkpoint if it belongs to this run (same config, inputs and seed);
+        `restart` (the stage's --force) discards it and trains from scratch."""
+        if restart and self.env.is_main and self.ckpt_dir.exists():
+            shutil.rmtree(self.ckpt_dir)
+        distenv.barrier()
         stamp = self.ckpt_dir / "run_id"
         if stamp.exists() and stamp.read_text() != self.run_id:
             distenv.barrier()
@@ -310,11 +314,8 @@ def train_id(cfg: TrainConfig, prepared_dir: str | Path, out_dir: str | Path, se
     run_id = fingerprint(section, inputs)
 
     def body(out: Path) -> dict:
-        if force and env.is_main and (out / "checkpoint").exists():
-            shutil.rmtree(out / "checkpoint")
-        distenv.barrier()
         trainer = Trainer(cfg, dataset, out, seed, env, run_id)
-        trainer.resume()
+        trainer.resume(restart=force)
         metrics = trainer.fit(stop_after_epoch)
         return {k: v for k, v in metrics.items() if k != "history"}
 

@@ -1,0 +1,112 @@
+"""SICSRec step 2: trains on top of a step-1 checkpoint, keeps the ID encoder frozen, resumes
+exactly, and 2 gloo ranks (ConCL negatives pooled across ranks) follow the 1-rank loss curve."""
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from launcher.config import Config, load_config
+from launcher.rundir import run_stage
+from shards.prepared import PreparedDataset
+from sicsrec.train import TrainingInterrupted, load_id_encoder, train_id
+from sicsrec.train_sicsrec import train_sicsrec
+from tests.test_train_id import TINY, make_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_run(root: Path, num_users=37) -> Path:
+    """prepare + step 1 + a random embedding cache, each with its manifest."""
+    run_stage(root / "prepare", "prepare", {}, {}, lambda out: make_dataset(out, num_users=num_users) and {})
+    ds = PreparedDataset.load(root / "prepare")
+    cfg = overrides(root)
+    train_id(cfg.train_id, root / "prepare", root / "train_id", seed=0)
+    g = np.random.default_rng(0)
+
+    def cache(out: Path) -> dict:
+        np.save(out / "text.npy", g.normal(size=(ds.num_items + 1, 12)).astype(np.float32))
+        np.save(out / "image.npy", g.normal(size=(ds.num_items + 1, 10)).astype(np.float32))
+        np.save(out / "has_image.npy", np.arange(ds.num_items + 1) % 7 != 3)
+        return {}
+
+    run_stage(root / "embeddings", "encode", {}, {}, cache)
+    return root
+
+
+def overrides(root: Path, **step2) -> Config:
+    train = {k: v for k, v in TINY.items()} | {"dropout": 0.0, "epochs": 2, "patience": 5, "engine": "single"}
+    sets = [f"run_dir={root}"] + [f"train_id.{k}={v}" for k, v in train.items()]
+    sets += [f"sicsrec.train.{k}={v}" for k, v in (train | {"batch_size": 8}).items()]
+    sets += ["sicsrec.dropout=0.0", "sicsrec.heads=2", "sicsrec.alpha=0.5", "sicsrec.temperature=0.2"]
+    sets += [f"sicsrec.{k}={v}" for k, v in step2.items()]
+    return load_config(None, sets)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("step2"))
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_step2_trains_with_the_id_encoder_frozen(run):
+    cfg = overrides(run)
+    metrics = train_sicsrec(cfg)["metrics"]
+    assert set(metrics["test"]) >= {"hit@10", "ndcg@10"} and metrics["epochs_run"] == 2
+    history = json.loads((run / "sicsrec" / "metrics.json").read_text())["history"]
+    assert all(h["extra_loss"] > 0 for h in history)  # ConCL + reg are in the loss
+    step1 = load_id_encoder(run / "train_id").state_dict()
+    best = torch.load(run / "sicsrec" / "best_model.pt", weights_only=True)
+    frozen = {k[len("id_encoder."):].replace(".base_layer", ""): v for k, v in best.items()
+              if k.startswith("id_encoder.") and "lora_" not in k}
+    assert frozen.keys() == step1.keys()
+    assert all(torch.equal(frozen[k], step1[k]) for k in step1)
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in best.items())  # LoRA did move
+
+
+def test_step2_resume_after_kill_matches(run, tmp_path):
+    cfg = overrides(run, dropout=0.3)
+    full = train_sicsrec(dataclasses.replace(cfg, run_dir=str(run)), force=True)["metrics"]
+    full_losses = _losses(run / "sicsrec")
+    with pytest.raises(TrainingInterrupted):
+        train_sicsrec(cfg, force=True, stop_after_epoch=0)
+    resumed = train_sicsrec(cfg)["metrics"]
+    assert _losses(run / "sicsrec") == pytest.approx(full_losses, rel=1e-6)
+    assert resumed["test"] == pytest.approx(full["test"], abs=1e-9)
+
+
+def test_two_ranks_follow_the_single_process_loss_curve(run):
+    single = train_sicsrec(overrides(run), force=True)["metrics"]
+    expected = _losses(run / "sicsrec")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "launcher", "train-sicsrec", "--force", "--run-dir", str(run),
+           *[a for kv in _cli_sets(run) for a in ("--set", kv)]]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    got = json.loads((run / "sicsrec" / "metrics.json").read_text())
+    assert got["world_size"] == 2 and got["engine"] == "ddp"
+    assert _losses(run / "sicsrec") == pytest.approx(expected, rel=1e-5)
+    for name, value in single["test"].items():
+        assert got["test"][name] == pytest.approx(value, abs=1e-6), name
+
+
+def _cli_sets(root: Path) -> list[str]:
+    cfg = overrides(root)
+    train = dataclasses.asdict(cfg.sicsrec.train) | {"engine": "ddp"}
+    sets = [f"train_id.{k}={v}" for k, v in dataclasses.asdict(cfg.train_id).items()]
+    sets += [f"sicsrec.train.{k}={v}" for k, v in train.items()]
+    sets += [f"sicsrec.{k}={v}" for k, v in dataclasses.asdict(cfg.sicsrec).items() if k != "train"]
+    return sets
