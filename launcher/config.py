@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from llm_labeling.config import LabelConfig
-from sicsrec.config import SFTConfig, SICSRecConfig, TrainConfig
+from sicsrec.config import EncodeConfig, SFTConfig, SICSRecConfig, TrainConfig
 
 
 @dataclass
@@ -60,6 +60,7 @@ class Config:
     shard: ShardConfig = field(default_factory=ShardConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
     train_id: TrainConfig = field(default_factory=TrainConfig)
     sicsrec: SICSRecConfig = field(default_factory=SICSRecConfig)
 

@@ -59,6 +59,9 @@ def run_stage(stage_dir: str | Path, name: str, config_section, inputs: dict,
     `inputs` maps an input name to its fingerprint (usually an upstream manifest's).
     Returns the manifest (existing or new). Only the main rank writes the manifest.
     """
+    from launcher.dist import barrier
+
+    barrier()  # every rank sees the upstream manifests rank 0 has finished writing
     stage_dir = Path(stage_dir)
     fp = fingerprint(config_section, inputs)
     old = read_manifest(stage_dir)
@@ -84,4 +87,5 @@ def run_stage(stage_dir: str | Path, name: str, config_section, inputs: dict,
         tmp = stage_dir / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         os.replace(tmp, stage_dir / MANIFEST)
+    barrier()
     return manifest

@@ -94,6 +94,21 @@ def label(cfg: Config, force: bool = False) -> dict:
                      force)
 
 
+def sft(cfg: Config, force: bool = False) -> dict:
+    from sicsrec.sft import sft as run_sft
+
+    run = Path(cfg.run_dir)
+    return run_sft(cfg.sft, run / "prepare", run / "shards", run / "label", run / "sft", cfg.seed, force)
+
+
+def encode(cfg: Config, force: bool = False) -> dict:
+    from sicsrec.encode import encode as run_encode
+
+    run = Path(cfg.run_dir)
+    return run_encode(cfg.encode, run / "prepare", run / "shards", run / "sft", run / "embeddings", force,
+                      encoders=cfg.sft.encoders, seed=cfg.seed)
+
+
 def train_id(cfg: Config, force: bool = False) -> dict:
     from sicsrec.train import train_id as run_train_id
 
@@ -111,11 +126,27 @@ STAGES: dict[str, tuple[Callable[[Config, bool], dict], str]] = {
     "synth": (synth, "write the embedded default dataset (canonical format) into <run_dir>/synth"),
     "prepare": (prepare, "validate, k-core filter, time-sort, dense ids, leave-one-out split -> <run_dir>/prepare"),
     "shard": (shard, "write WebDataset item and train-sequence shards -> <run_dir>/shards"),
-    "train-id": (train_id, "SICSRec step 1: SASRec/GRU4Rec ID encoder, full-softmax CE, early stopping -> <run_dir>/train_id"),
-    "train-sicsrec": (train_sicsrec, "SICSRec step 2: frozen step-1 encoder + LoRA, content encoder, mix decoder, "
-                      "CE + alpha ConCL -> <run_dir>/sicsrec"),
     "label": (label, "LLM picks each user's most similar earlier item (Ray fan-out) -> <run_dir>/label/pairs-*.jsonl"),
+    "sft": (sft, "SICSRec 3.3.2: fine-tune text + image encoders on labelled pairs (t2t, i2i, t2i InfoNCE, "
+                 "DeepSpeed ZeRO) -> <run_dir>/sft"),
+    "encode": (encode, "embed every item with the tuned encoders -> <run_dir>/embeddings/{text,image,has_image}.npy"),
+    "train-id": (train_id, "SICSRec step 1: SASRec/GRU4Rec ID encoder, full-softmax CE, early stopping "
+                           "-> <run_dir>/train_id"),
+    "train-sicsrec": (train_sicsrec, "SICSRec step 2: frozen step-1 encoder + LoRA, content encoder, mix decoder, "
+                                     "CE + alpha ConCL -> <run_dir>/sicsrec"),
 }
+RESULT_STAGES = {"train-id": "SASRec (step 1)", "train-sicsrec": "SICSRec"}
+
+
+def results_table(manifests: dict) -> str:
+    """Test Hit/NDCG@5,10,20 of the trained models, one row each."""
+    keys = [f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)]
+    rows = [(label, manifests[stage]["metrics"]["test"]) for stage, label in RESULT_STAGES.items() if stage in manifests]
+    if not rows:
+        return ""
+    lines = [f"{'model (test)':<18}" + "".join(f"{k:>10}" for k in keys)]
+    lines += [f"{label:<18}" + "".join(f"{test[k]:>10.4f}" for k in keys) for label, test in rows]
+    return "\n".join(lines)
 
 
 def run_pipeline(cfg: Config, force: bool = False) -> dict:
@@ -127,4 +158,7 @@ def run_pipeline(cfg: Config, force: bool = False) -> dict:
         if name == "synth" and cfg.data.format != "synth":
             continue
         manifests[name] = STAGES[name][0](cfg, force)
+    table = results_table(manifests)
+    if table:
+        print("\n" + table)
     return manifests

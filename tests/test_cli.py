@@ -10,15 +10,20 @@ def launcher(*args):
 
 
 def test_demo_pipeline_prints_stats_and_skips_done_stages(tmp_path):
+    """The whole demo pipeline (synth ... train-sicsrec) on a reduced config."""
     args = ["pipeline", "--config", "configs/demo.yaml", "--run-dir", str(tmp_path),
-            "--set", "data.synth.num_users=120", "--set", "data.synth.num_items=60"]
+            "--set", "data.synth.num_users=120", "--set", "data.synth.num_items=60", "--set", "sft.epochs=1",
+            "--set", "train_id.epochs=2", "--set", "sicsrec.train.epochs=2"]
     first = launcher(*args)
     assert first.returncode == 0, first.stderr
     assert "#Users" in first.stdout and "#Interactions" in first.stdout
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["metrics"]["item_shards"] >= 1 and manifest["inputs"]["prepare"]
+    assert "SASRec (step 1)" in first.stdout and "SICSRec" in first.stdout and "ndcg@10" in first.stdout
+    for stage in ("label", "sft", "embeddings", "train_id", "sicsrec"):
+        assert (tmp_path / stage / "manifest.json").exists(), stage
     second = launcher(*args)
-    assert second.returncode == 0 and second.stderr.count("skipping") == 4
+    assert second.returncode == 0 and second.stderr.count("skipping") == 8
     changed = launcher(*args, "--set", "shard.items_per_shard=7")
     assert "shard: done already" not in changed.stderr and "prepare: done already" in changed.stderr
 

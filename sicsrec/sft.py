@@ -1,0 +1,329 @@
+"""Stage `sft`: supervised fine-tuning of the text / image encoders on LLM-labelled pairs (§3.3.2).
+
+`sft(cfg, prepared_dir, shard_dir, label_dir, out_dir, seed)`:
+1. reads the valid (target, similar) pairs of the label stage and holds out a fraction (by seed);
+2. rank 0 writes pair shards of the rest into out_dir/pairs, which `EqualBatches` streams with
+   the same number of micro batches on every rank (train image transform, tokenised per batch);
+3. trains t2t + i2i + t2i InfoNCE (`sicsrec.losses.sft_loss`, negatives pooled over ranks)
+   under the engine (DeepSpeed ZeRO by default; gradient accumulation), checkpointing every
+   epoch (model, optimizer, epoch, step, RNG) so a killed run resumes to the same weights;
+4. saves the tuned encoders with `ContentEncoder.save(out_dir/"encoder")` (gathered under ZeRO-3).
+Retrieval recall@10 before and after SFT goes to metrics.json and the manifest:
+- t2i: each item with an image queries with its text; hit if its own image ranks in the top 10
+  among all items' images;
+- pairs: each held-out pair's target text queries all other items' texts; hit if the similar
+  item's text ranks in the top 10 (the query item itself is excluded).
+Similarity is the one trained: cosine when sft.normalize, else the inner product. A rank is the
+number of candidates scoring strictly higher, so ties count in the query's favour.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from launcher import dist as distenv
+from launcher.rundir import fingerprint, hash_files, run_stage
+from llm_labeling.run import SHARD_GLOB, read_pairs
+from shards.pairs import write_pair_shards
+from shards.prepared import PreparedDataset
+from shards.reader import EqualBatches, load_index, stream
+from sicsrec.config import SFTConfig
+from sicsrec.encode import ItemEmbeddings, stage_fingerprint, embed_items, initial_encoder
+from sicsrec.encoders import ContentEncoder
+from sicsrec.engine import Engine, build_engine
+from sicsrec.losses import sft_loss
+from sicsrec.train import TrainingInterrupted, _write_json
+
+log = logging.getLogger(__name__)
+RECALL_AT = 10
+
+
+def split_holdout(pairs: list[tuple[int, int]], fraction: float, seed: int
+                  ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(train, held_out): a seeded random `fraction` of the pairs (at least one when fraction > 0
+    and there are two or more pairs), both in their original order."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"sft.holdout_fraction must be in [0, 1), got {fraction}")
+    n_hold = min(len(pairs) - 1, max(1, round(fraction * len(pairs)))) if fraction > 0 and len(pairs) > 1 else 0
+    held = set(random.Random(seed).sample(range(len(pairs)), n_hold))
+    return ([p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held])
+
+
+def _ranks_of_positives(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
+                        exclude: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
+    """For each query row, how many keys score strictly higher than its positive key."""
+    ranks = []
+    for start in range(0, len(queries), chunk):
+        scores = queries[start:start + chunk] @ keys.T
+        rows = torch.arange(scores.shape[0])
+        if exclude is not None:
+            scores[rows, exclude[start:start + chunk]] = float("-inf")
+        own = scores[rows, positives[start:start + chunk]]
+        ranks.append((scores > own[:, None]).sum(1))
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+
+def retrieval_recall(cache: ItemEmbeddings, held_out: list[tuple[int, int]], normalize: bool,
+                     k: int = RECALL_AT) -> dict:
+    """t2i and held-out pair recall@k from item embeddings aligned to dense ids (see module docstring)."""
+    prep = (lambda x: F.normalize(x, dim=-1)) if normalize else (lambda x: x)
+    text = prep(torch.from_numpy(cache.text).double())
+    out = {}
+    if cache.image is not None:
+        with_image = torch.from_numpy(np.flatnonzero(cache.has_image))
+        image = prep(torch.from_numpy(cache.image).double())
+        ranks = _ranks_of_positives(text[with_image], image[with_image], torch.arange(len(with_image)))
+        out[f"t2i_recall@{k}"] = float((ranks < k).double().mean()) if len(ranks) else None
+        out["t2i_queries"] = len(ranks)
+    pairs = torch.tensor([p for p in held_out if p[0] != p[1]], dtype=torch.long).reshape(-1, 2)
+    keys = text[1:]  # row 0 is padding
+    ranks = _ranks_of_positives(text[pairs[:, 0]], keys, pairs[:, 1] - 1, exclude=pairs[:, 0] - 1)
+    out[f"pair_recall@{k}"] = float((ranks < k).double().mean()) if len(ranks) else None
+    out["pair_queries"] = len(ranks)
+    return out
+
+
+class PairCollate:
+    """A list of decoded pair samples -> one batch: tokens of a-texts then b-texts, images (zero
+    placeholder + has_image False for missing or corrupt ones), item ids. Runs in loader workers."""
+
+    def __init__(self, model: ContentEncoder):
+        self.tokenizer, self.max_len = model.text.tokenizer, model.text.max_len
+        self.transform = model.image_transform(train=True) if model.has_image_encoder else None
+        self.size = model.cfg.image_size
+
+    def __call__(self, samples: list[dict]) -> dict:
+        sides = [s["a"] for s in samples] + [s["b"] for s in samples]
+        enc = self.tokenizer([x["title"] for x in sides], padding=True, truncation=True, max_length=self.max_len,
+                             return_tensors="pt")
+        batch = {"tokens": {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
+                 "ids": torch.tensor([x["item"] for x in sides])}
+        if self.transform is not None:
+            batch["has_image"] = torch.tensor([x["image"] is not None for x in sides])
+            batch["images"] = torch.stack([self.transform(x["image"]) if x["image"] is not None
+                                           else torch.zeros(3, self.size, self.size) for x in sides])
+        return batch
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+        values = values / dist.get_world_size()
+    return values
+
+
+class SFTTrainer:
+    def __init__(self, cfg: SFTConfig, dataset: PreparedDataset, shard_dir: Path, held_out: list[tuple[int, int]],
+                 out: Path, seed: int, env, run_id: str):
+        if cfg.epochs < 1 or cfg.micro_batch < 1 or cfg.grad_accum < 1:
+            raise ValueError("sft.epochs, sft.micro_batch and sft.grad_accum must be >= 1")
+        self.cfg, self.shard_dir, self.held_out, self.out, self.seed, self.env, self.run_id = \
+            cfg, shard_dir, held_out, out, seed, env, run_id
+        self.num_items = dataset.num_items
+        model = initial_encoder(cfg.encoders, dataset, seed)
+        self.reference = copy.deepcopy(model) if env.is_main else None  # rank 0's plain copy for eval and save
+        self.batches = EqualBatches(out / "pairs", "pairs", cfg.micro_batch, env.rank, env.world_size,
+                                    num_workers=cfg.num_workers, seed=seed, skip_bad_images=False,
+                                    collate=PairCollate(model))
+        self.steps_per_epoch = len(self.batches) // cfg.grad_accum * cfg.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.batches)} micro batches per rank cannot fill grad_accum={cfg.grad_accum}")
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.engine: Engine = build_engine(model, optimizer, env, cfg.engine, micro_batch=cfg.micro_batch,
+                                           grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
+                                           precision=cfg.precision, ds_config=cfg.ds_config,
+                                           zero_stage=None if cfg.zero_stage < 0 else cfg.zero_stage)
+        # dropout / augmentation streams differ per rank; timm's crops draw from python's random
+        for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
+            seed_fn(seed * 1000 + env.rank)
+        self.ckpt_dir = out / "checkpoint"
+        self.state = {"run_id": run_id, "epoch": -1, "step": 0, "history": [], "before": None}
+
+    # -- checkpoints (same scheme as sicsrec.train) --
+    def resume(self) -> None:
+        stamp = self.ckpt_dir / "run_id"
+        if stamp.exists() and stamp.read_text() != self.run_id:
+            distenv.barrier()
+            if self.env.is_main:
+                log.warning("checkpoint in %s is from another config; starting over", self.ckpt_dir)
+                shutil.rmtree(self.ckpt_dir)
+            distenv.barrier()
+        client_state = self.engine.load(self.ckpt_dir) if stamp.exists() else None
+        if client_state is not None:  # only our keys: DeepSpeed adds reserved ones it refuses to save again
+            self.state = {key: client_state[key] for key in self.state}
+            log.info("sft: resumed from %s after epoch %d", self.ckpt_dir, self.state["epoch"])
+
+    def save_checkpoint(self) -> None:
+        self.engine.save(self.ckpt_dir, self.state)
+        if self.env.is_main:
+            (self.ckpt_dir / "run_id").write_text(self.run_id)
+        distenv.barrier()
+
+    # -- evaluation on rank 0's plain copy (no ZeRO hooks, no collectives) --
+    def evaluate(self, name: str) -> dict | None:
+        if not self.env.is_main:
+            return None
+        model = self.reference.to(self.engine.device)
+        cache = embed_items(model, stream(self.shard_dir, "items", split=False), self.cfg.eval_batch_size,
+                            self.engine.device, self.engine.dtype, desc=f"eval {name}")
+        return retrieval_recall(cache.aligned(self.num_items), self.held_out, self.cfg.normalize)
+
+    def train_epoch(self, epoch: int, tb) -> dict:
+        cfg, env, engine = self.cfg, self.env, self.engine
+        self.batches.set_epoch(epoch)
+        loader = (torch.utils.data.DataLoader(self.batches, batch_size=None, num_workers=cfg.num_workers)
+                  if cfg.num_workers > 0 else self.batches)
+        engine.train()
+        sums, pairs, lines, start = torch.zeros(4), 0, [], time.time()
+        bar = tqdm(total=self.steps_per_epoch, desc=f"sft epoch {epoch}", disable=not env.is_main, leave=False)
+        for n_batch, batch in enumerate(loader):
+            if n_batch == self.steps_per_epoch:
+                break  # a partial accumulation would leak into the next epoch
+            n = len(batch["ids"]) // 2
+            ids = batch["ids"].to(engine.device)
+            images = batch.get("images")
+            if images is not None and engine.ds is not None:
+                images = images.to(engine.device, engine.dtype)  # DeepSpeed casts the model, not the inputs
+            out = engine(texts=batch["tokens"], images=images)
+            image_kw = {}
+            if images is not None:
+                has = batch["has_image"]
+                image_kw = dict(image_a=out["image"][:n], image_b=out["image"][n:], has_image_a=has[:n],
+                                has_image_b=has[n:])
+            loss = sft_loss(out["text"][:n], out["text"][n:], ids[:n], ids[n:], cfg.temperature, **image_kw,
+                            normalize=cfg.normalize, symmetric=cfg.symmetric, mask_duplicates=cfg.mask_duplicates)
+            engine.backward(loss.total)
+            engine.step()
+            parts = [loss.total, loss.t2t, loss.i2i if loss.i2i is not None else loss.total * 0,
+                     loss.t2i if loss.t2i is not None else loss.total * 0]
+            logged = _mean_over_ranks(torch.stack([p.detach().float() for p in parts])).cpu()
+            self.state["step"] += 1
+            sums += logged
+            pairs += n * env.world_size
+            rate = pairs / max(time.time() - start, 1e-9)
+            bar.update()
+            bar.set_postfix(loss=f"{logged[0]:.4f}", pairs_s=f"{rate:.1f}")
+            if tb:
+                for name, value in zip(("total", "t2t", "i2i", "t2i"), logged.tolist()):
+                    tb.add_scalar(f"train/{name}", value, self.state["step"])
+            lines.append(json.dumps({"epoch": epoch, "step": self.state["step"],
+                                     **dict(zip(("loss", "t2t", "i2i", "t2i"), logged.tolist()))}))
+        bar.close()
+        seconds = time.time() - start
+        if env.is_main:
+            with open(self.out / "train_log.jsonl", "a") as f:
+                f.write("".join(line + "\n" for line in lines))
+        means = (sums / max(len(lines), 1)).tolist()
+        return {"epoch": epoch, "loss": means[0], "t2t": means[1], "i2i": means[2], "t2i": means[3],
+                "seconds": seconds, "pairs": pairs, "pairs_per_s": pairs / max(seconds, 1e-9)}
+
+    def fit(self, stop_after_epoch: int | None = None) -> dict:
+        env, state = self.env, self.state
+        if state["before"] is None:
+            state["before"] = self.evaluate("before")
+        distenv.barrier()
+        tb = None
+        if env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=state["step"] + 1)
+            _trim_log(self.out / "train_log.jsonl", state["epoch"])
+        try:
+            for epoch in range(state["epoch"] + 1, self.cfg.epochs):
+                summary = self.train_epoch(epoch, tb)
+                state["history"].append(summary)
+                state["epoch"] = epoch
+                if tb:
+                    tb.add_scalar("train/epoch_loss", summary["loss"], state["step"])
+                    tb.add_scalar("train/pairs_per_s", summary["pairs_per_s"], state["step"])
+                    tb.flush()
+                    log.info("sft epoch %d: loss %.4f, %.1f pairs/s", epoch, summary["loss"], summary["pairs_per_s"])
+                self.save_checkpoint()
+                if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                    raise TrainingInterrupted(f"stopped after epoch {epoch} (checkpoint saved)")
+        finally:
+            if tb:
+                tb.close()
+        return self.finish()
+
+    def finish(self) -> dict:
+        env, state = self.env, self.state
+        weights = self.engine.module_state_dict()  # collective under ZeRO-3: every rank calls it
+        metrics = None
+        if env.is_main:
+            self.reference.load_state_dict(weights)
+            self.reference.save(self.out / "encoder")
+            after = self.evaluate("after")
+            history = state["history"]
+            seconds = sum(h["seconds"] for h in history)
+            metrics = {"engine": self.engine.kind, "zero_stage": self.engine.zero_stage, "world_size": env.world_size,
+                       "epochs": len(history), "steps": state["step"],
+                       "train_pairs": load_index(self.out / "pairs")["pairs"]["total"],
+                       "held_out_pairs": len(self.held_out), "final_loss": history[-1]["loss"],
+                       "pairs_per_s": sum(h["pairs"] for h in history) / max(seconds, 1e-9),
+                       "seconds_per_epoch": seconds / len(history),
+                       "before": state["before"], "after": after, "features": self.reference.extracted_features(),
+                       "history": history}
+            _write_json(self.out / "metrics.json", metrics)
+            log.info("sft: recall@%d before %s after %s", RECALL_AT, state["before"], after)
+        box = [metrics]
+        if env.distributed:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _trim_log(path: Path, last_epoch: int) -> None:
+    """Drop log lines of epochs after the checkpoint (a killed run may have logged some)."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["epoch"] <= last_epoch]
+        path.write_text("".join(l + "\n" for l in lines))
+
+
+def sft(cfg: SFTConfig, prepared_dir: str | Path, shard_dir: str | Path, label_dir: str | Path, out_dir: str | Path,
+        seed: int, force: bool = False, stop_after_epoch: int | None = None) -> dict:
+    """Stage `sft` (see module docstring). Reads the distributed environment itself (torchrun /
+    SLURM). Returns the manifest (metrics under "metrics"). A finished matching run is skipped
+    unless force; a run with a checkpoint but no manifest resumes. `stop_after_epoch` simulates a
+    kill (tests)."""
+    env = distenv.init(distenv.detect())
+    prepared_dir, shard_dir, label_dir, out_dir = map(Path, (prepared_dir, shard_dir, label_dir, out_dir))
+    distenv.barrier()  # rank 0 may still be writing the previous stage's manifest
+    section = dict(dataclasses.asdict(cfg), seed=seed)
+    label_files = sorted(label_dir.glob(SHARD_GLOB))
+    inputs = {"prepare": stage_fingerprint(prepared_dir, ["items.jsonl", "sequences.jsonl"]),
+              "shards": stage_fingerprint(shard_dir, ["index.json"]),
+              "label": hash_files(label_files) if label_files else "none"}
+    run_id = fingerprint(dict(section, world_size=env.world_size), inputs)
+
+    def body(out: Path) -> dict:
+        dataset = PreparedDataset.load(prepared_dir)
+        train_pairs, held_out = split_holdout(read_pairs(label_dir), cfg.holdout_fraction, seed)
+        if force and env.is_main and (out / "checkpoint").exists():
+            shutil.rmtree(out / "checkpoint")
+        if env.is_main:  # enough shards that every rank x worker gets one
+            readers = env.world_size * max(1, cfg.num_workers)
+            per_shard = max(1, min(cfg.pairs_per_shard, len(train_pairs) // readers))
+            write_pair_shards(train_pairs, shard_dir, out / "pairs", per_shard)
+            (out / "held_out_pairs.json").write_text(json.dumps(held_out) + "\n")
+        distenv.barrier()
+        trainer = SFTTrainer(cfg, dataset, shard_dir, held_out, out, seed, env, run_id)
+        trainer.resume()
+        metrics = trainer.fit(stop_after_epoch)
+        return {k: v for k, v in metrics.items() if k != "history"}
+
+    return run_stage(out_dir, "sft", section, inputs, body, force, env.is_main)
