@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import socket
@@ -37,6 +38,7 @@ KINDS = ("auto", "single", "ddp", "deepspeed")
 REPO = Path(__file__).resolve().parents[1]
 STATE_FILE = "state.pt"
 DS_TAG = "last"
+log = logging.getLogger(__name__)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -256,3 +258,38 @@ def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, env: DistE
     ds_engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
     dtype = torch.bfloat16 if config["bf16"]["enabled"] else torch.float32
     return Engine(module, ds_optimizer, kind, env, device, dtype, ds_engine, ds_engine, grad_clip)
+
+
+class RunCheckpoint:
+    """The engine checkpoint of one run: a folder stamped with the run's id (a fingerprint of
+    config, inputs and seed), so a checkpoint is only ever resumed by the run that wrote it."""
+
+    def __init__(self, engine: Engine, folder: str | Path, run_id: str, env: DistEnv):
+        self.engine, self.folder, self.run_id, self.env = engine, Path(folder), run_id, env
+        self.stamp = self.folder / "run_id"
+
+    def load(self, restart: bool = False) -> dict | None:
+        """The saved client state, or None. `restart` (a stage's --force) discards the checkpoint;
+        one written by another config is discarded with a warning."""
+        import shutil
+
+        from launcher.dist import barrier
+
+        stale = self.stamp.exists() and self.stamp.read_text() != self.run_id
+        if (restart or stale) and self.env.is_main and self.folder.exists():
+            if stale and not restart:
+                log.warning("checkpoint in %s is from another config; starting over", self.folder)
+            shutil.rmtree(self.folder)
+        barrier()
+        state = self.engine.load(self.folder) if self.stamp.exists() else None
+        if state is not None:
+            log.info("resumed from %s after epoch %d", self.folder, state["epoch"])
+        return state
+
+    def save(self, state: dict) -> None:
+        from launcher.dist import barrier
+
+        self.engine.save(self.folder, state)
+        if self.env.is_main:
+            self.stamp.write_text(self.run_id)
+        barrier()

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from shards.reader import EqualBatches, load_index, stream
 from sicsrec.config import SFTConfig
 from sicsrec.encode import ItemEmbeddings, stage_fingerprint, embed_items, initial_encoder
 from sicsrec.encoders import ContentEncoder
-from sicsrec.engine import Engine, build_engine
+from sicsrec.engine import Engine, RunCheckpoint, build_engine
 from sicsrec.losses import sft_loss
 from sicsrec.train import TrainingInterrupted, _write_json
 
@@ -151,28 +150,16 @@ class SFTTrainer:
         # dropout / augmentation streams differ per rank; timm's crops draw from python's random
         for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
             seed_fn(seed * 1000 + env.rank)
-        self.ckpt_dir = out / "checkpoint"
+        self.checkpoint = RunCheckpoint(self.engine, out / "checkpoint", run_id, env)
         self.state = {"run_id": run_id, "epoch": -1, "step": 0, "history": [], "before": None}
 
-    # -- checkpoints (same scheme as sicsrec.train) --
-    def resume(self) -> None:
-        stamp = self.ckpt_dir / "run_id"
-        if stamp.exists() and stamp.read_text() != self.run_id:
-            distenv.barrier()
-            if self.env.is_main:
-                log.warning("checkpoint in %s is from another config; starting over", self.ckpt_dir)
-                shutil.rmtree(self.ckpt_dir)
-            distenv.barrier()
-        client_state = self.engine.load(self.ckpt_dir) if stamp.exists() else None
-        if client_state is not None:  # only our keys: DeepSpeed adds reserved ones it refuses to save again
-            self.state = {key: client_state[key] for key in self.state}
-            log.info("sft: resumed from %s after epoch %d", self.ckpt_dir, self.state["epoch"])
+    def resume(self, restart: bool = False) -> None:
+        state = self.checkpoint.load(restart)
+        if state is not None:  # only our keys: DeepSpeed adds reserved ones it refuses to save again
+            self.state = {key: state[key] for key in self.state}
 
     def save_checkpoint(self) -> None:
-        self.engine.save(self.ckpt_dir, self.state)
-        if self.env.is_main:
-            (self.ckpt_dir / "run_id").write_text(self.run_id)
-        distenv.barrier()
+        self.checkpoint.save(self.state)
 
     # -- evaluation on rank 0's plain copy (no ZeRO hooks, no collectives) --
     def evaluate(self, name: str) -> dict | None:
@@ -313,8 +300,6 @@ def sft(cfg: SFTConfig, prepared_dir: str | Path, shard_dir: str | Path, label_d
     def body(out: Path) -> dict:
         dataset = PreparedDataset.load(prepared_dir)
         train_pairs, held_out = split_holdout(read_pairs(label_dir), cfg.holdout_fraction, seed)
-        if force and env.is_main and (out / "checkpoint").exists():
-            shutil.rmtree(out / "checkpoint")
         if env.is_main:  # enough shards that every rank x worker gets one
             readers = env.world_size * max(1, cfg.num_workers)
             per_shard = max(1, min(cfg.pairs_per_shard, len(train_pairs) // readers))
@@ -322,7 +307,7 @@ def sft(cfg: SFTConfig, prepared_dir: str | Path, shard_dir: str | Path, label_d
             (out / "held_out_pairs.json").write_text(json.dumps(held_out) + "\n")
         distenv.barrier()
         trainer = SFTTrainer(cfg, dataset, shard_dir, held_out, out, seed, env, run_id)
-        trainer.resume()
+        trainer.resume(restart=force)
         metrics = trainer.fit(stop_after_epoch)
         return {k: v for k, v in metrics.items() if k != "history"}
 

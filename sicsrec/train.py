@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from launcher.rundir import fingerprint, hash_files, read_manifest, run_stage
 from shards.prepared import PreparedDataset
 from sicsrec.config import TrainConfig
 from sicsrec.data import collate, epoch_batches, rank_slice, train_windows
-from sicsrec.engine import Engine, build_engine
+from sicsrec.engine import Engine, RunCheckpoint, build_engine
 from sicsrec.evaluate import evaluate
 from sicsrec.models.gru4rec import GRU4Rec
 from sicsrec.models.sasrec import SASRec, SequentialRecommender
@@ -116,7 +115,7 @@ class Trainer:
                                    precision=cfg.precision, ds_config=cfg.ds_config,
                                    zero_stage=None if cfg.zero_stage < 0 else cfg.zero_stage)
         torch.manual_seed(seed * 1000 + env.rank)  # dropout streams differ per rank
-        self.ckpt_dir = out_dir / "checkpoint"
+        self.checkpoint = RunCheckpoint(self.engine, out_dir / "checkpoint", run_id, env)
         self.state = {"run_id": run_id, "epoch": -1, "step": 0, "best_metric": float("-inf"), "best_epoch": -1,
                       "bad_epochs": 0, "stopped": False, "history": []}
 
@@ -129,28 +128,13 @@ class Trainer:
         return model, NextItemLoss(model)
 
     def resume(self, restart: bool = False) -> None:
-        """Load the last checkpoint if it belongs to this run (same config, inputs and seed);
-        `restart` (the stage's --force) discards it and trains from scratch."""
-        if restart and self.env.is_main and self.ckpt_dir.exists():
-            shutil.rmtree(self.ckpt_dir)
-        distenv.barrier()
-        stamp = self.ckpt_dir / "run_id"
-        if stamp.exists() and stamp.read_text() != self.run_id:
-            distenv.barrier()
-            if self.env.is_main:
-                log.warning("checkpoint in %s is from another config; starting over", self.ckpt_dir)
-                shutil.rmtree(self.ckpt_dir)
-            distenv.barrier()
-        client_state = self.engine.load(self.ckpt_dir) if stamp.exists() else None
-        if client_state is not None:
-            self.state = client_state
-            log.info("resumed from %s after epoch %d", self.ckpt_dir, self.state["epoch"])
+        """Continue from this run's checkpoint, if any; `restart` (--force) trains from scratch."""
+        state = self.checkpoint.load(restart)
+        if state is not None:
+            self.state = state
 
     def save(self) -> None:
-        self.engine.save(self.ckpt_dir, self.state)
-        if self.env.is_main:
-            (self.ckpt_dir / "run_id").write_text(self.run_id)
-        distenv.barrier()
+        self.checkpoint.save(self.state)
 
     def train_epoch(self, epoch: int, tb) -> dict:
         env, cfg = self.env, self.cfg
