@@ -47,6 +47,21 @@ def fingerprint(config_section, input_fingerprints: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def write_json(path: Path, data) -> None:
+    """Write JSON atomically (temp file + rename): a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def stage_fingerprint(stage_dir: Path, files: list[str]) -> str:
+    """An upstream stage's identity: its manifest's fingerprint, or (for a folder made outside
+    the launcher) a hash of the named files."""
+    manifest = read_manifest(stage_dir)
+    return manifest["fingerprint"] if manifest else hash_files([Path(stage_dir) / f for f in files])
+
+
 def read_manifest(stage_dir: Path) -> dict | None:
     path = Path(stage_dir) / MANIFEST
     return json.loads(path.read_text()) if path.exists() else None
@@ -84,8 +99,6 @@ def run_stage(stage_dir: str | Path, name: str, config_section, inputs: dict,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if is_main:
-        tmp = stage_dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        os.replace(tmp, stage_dir / MANIFEST)
+        write_json(stage_dir / MANIFEST, manifest)
     barrier()
     return manifest

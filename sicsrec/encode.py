@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from launcher import dist as distenv
-from launcher.rundir import hash_files, read_manifest, run_stage
+from launcher.rundir import read_manifest, run_stage, stage_fingerprint
 from shards.prepared import PreparedDataset
 from shards.reader import stream
 from sicsrec.config import EncodeConfig, EncoderConfig
@@ -107,11 +107,6 @@ def embed_items(model: ContentEncoder, samples: Iterable[dict], batch_size: int,
         return ItemEmbeddings(np.zeros(0, dtype=np.int64), np.zeros((0, d), np.float32),
                               np.zeros((0, d), np.float32) if transform is not None else None, np.zeros(0, dtype=bool))
     return ItemEmbeddings.concat(parts)
-
-
-def stage_fingerprint(stage_dir: Path, files: list[str]) -> str:
-    manifest = read_manifest(stage_dir)
-    return manifest["fingerprint"] if manifest else hash_files([stage_dir / f for f in files])
 
 
 def from_main(value):

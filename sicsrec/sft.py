@@ -33,17 +33,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from launcher import dist as distenv
-from launcher.rundir import fingerprint, hash_files, run_stage
+from launcher.rundir import fingerprint, hash_files, run_stage, stage_fingerprint, write_json
 from llm_labeling.run import SHARD_GLOB, read_pairs
 from shards.pairs import write_pair_shards
 from shards.prepared import PreparedDataset
 from shards.reader import EqualBatches, load_index, stream
 from sicsrec.config import SFTConfig
-from sicsrec.encode import ItemEmbeddings, stage_fingerprint, embed_items, initial_encoder
+from sicsrec.encode import ItemEmbeddings, embed_items, from_main, initial_encoder
 from sicsrec.encoders import ContentEncoder
 from sicsrec.engine import Engine, RunCheckpoint, build_engine
 from sicsrec.losses import sft_loss
-from sicsrec.train import TrainingInterrupted, _write_json
+from sicsrec.train import TrainingInterrupted, trim_log
 
 log = logging.getLogger(__name__)
 RECALL_AT = 10
@@ -229,7 +229,7 @@ class SFTTrainer:
             from torch.utils.tensorboard import SummaryWriter
 
             tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=state["step"] + 1)
-            _trim_log(self.out / "train_log.jsonl", state["epoch"])
+            trim_log(self.out / "train_log.jsonl", state["epoch"])
         try:
             for epoch in range(state["epoch"] + 1, self.cfg.epochs):
                 summary = self.train_epoch(epoch, tb)
@@ -266,19 +266,9 @@ class SFTTrainer:
                        "seconds_per_epoch": seconds / len(history),
                        "before": state["before"], "after": after, "features": self.reference.extracted_features(),
                        "history": history}
-            _write_json(self.out / "metrics.json", metrics)
+            write_json(self.out / "metrics.json", metrics)
             log.info("sft: recall@%d before %s after %s", RECALL_AT, state["before"], after)
-        box = [metrics]
-        if env.distributed:
-            dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def _trim_log(path: Path, last_epoch: int) -> None:
-    """Drop log lines of epochs after the checkpoint (a killed run may have logged some)."""
-    if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["epoch"] <= last_epoch]
-        path.write_text("".join(l + "\n" for l in lines))
+        return from_main(metrics)
 
 
 def sft(cfg: SFTConfig, prepared_dir: str | Path, shard_dir: str | Path, label_dir: str | Path, out_dir: str | Path,

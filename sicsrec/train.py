@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from launcher import dist as distenv
-from launcher.rundir import fingerprint, hash_files, read_manifest, run_stage
+from launcher.rundir import fingerprint, read_manifest, run_stage, stage_fingerprint, write_json
 from shards.prepared import PreparedDataset
 from sicsrec.config import TrainConfig
 from sicsrec.data import collate, epoch_batches, rank_slice, train_windows
@@ -76,10 +76,11 @@ def _all_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+def trim_log(path: Path, last_epoch: int) -> None:
+    """Drop log lines of epochs after the checkpoint (a killed run may have logged some)."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["epoch"] <= last_epoch]
+        path.write_text("".join(l + "\n" for l in lines))
 
 
 def _evaluate(engine: Engine, model: SequentialRecommender, dataset: PreparedDataset, split: str,
@@ -176,7 +177,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=state["step"] + 1)
-            self._trim_train_log(state["epoch"])
+            trim_log(self.out / "train_log.jsonl", state["epoch"])
         try:
             for epoch in range(state["epoch"] + 1, cfg.epochs):
                 if state["stopped"]:
@@ -227,13 +228,6 @@ class Trainer:
         prefix = "recommender."
         return {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
 
-    def _trim_train_log(self, last_epoch: int) -> None:
-        """Drop log lines of epochs after the checkpoint (a killed run may have logged some)."""
-        path = self.out / "train_log.jsonl"
-        if path.exists():
-            lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["epoch"] <= last_epoch]
-            path.write_text("".join(l + "\n" for l in lines))
-
     def _final_metrics(self) -> dict:
         state, cfg, env = self.state, self.cfg, self.env
         distenv.barrier()
@@ -256,7 +250,7 @@ class Trainer:
             "history": history,
         }
         if env.is_main:
-            _write_json(self.out / "metrics.json", metrics)
+            write_json(self.out / "metrics.json", metrics)
             log.info("best epoch %d: test ndcg@10 %.4f hit@10 %.4f", state["best_epoch"], test["ndcg@10"], test["hit@10"])
         return metrics
 
@@ -275,13 +269,6 @@ def load_id_encoder(train_dir: str | Path) -> SequentialRecommender:
     return model.eval()
 
 
-def _prepared_fingerprint(prepared_dir: Path) -> str:
-    manifest = read_manifest(prepared_dir)
-    if manifest:
-        return manifest["fingerprint"]
-    return hash_files([prepared_dir / "items.jsonl", prepared_dir / "sequences.jsonl"])
-
-
 def train_id(cfg: TrainConfig, prepared_dir: str | Path, out_dir: str | Path, seed: int, force: bool = False,
              stop_after_epoch: int | None = None) -> dict:
     """Stage `train-id`: train the ID encoder on <run_dir>/prepare, write <run_dir>/train_id.
@@ -294,7 +281,7 @@ def train_id(cfg: TrainConfig, prepared_dir: str | Path, out_dir: str | Path, se
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     dataset = PreparedDataset.load(prepared_dir)
     section = dict(dataclasses.asdict(cfg), seed=seed)
-    inputs = {"prepare": _prepared_fingerprint(prepared_dir)}
+    inputs = {"prepare": stage_fingerprint(prepared_dir, ["items.jsonl", "sequences.jsonl"])}
     run_id = fingerprint(section, inputs)
 
     def body(out: Path) -> dict:

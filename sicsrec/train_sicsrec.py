@@ -28,7 +28,7 @@ from shards.prepared import PreparedDataset
 from sicsrec.config import SICSRecConfig
 from sicsrec.losses import concl_loss
 from sicsrec.models.sicsrec import SICSRec, SICSRecVariant, freeze_with_lora
-from sicsrec.train import Trainer, build_model
+from sicsrec.train import Trainer, load_id_encoder
 
 
 class SICSRecLoss(nn.Module):
@@ -100,9 +100,8 @@ def train_sicsrec(cfg: Config, force: bool = False, stop_after_epoch: int | None
     run_id = fingerprint(section, inputs)
 
     def body(out: Path) -> dict:
-        id_encoder = build_model(cfg.train_id, dataset.num_items)
-        id_encoder.load_state_dict(torch.load(run / "train_id" / "best_model.pt", map_location="cpu", weights_only=True))
-        trainer = SICSRecTrainer(cfg.sicsrec, id_encoder, load_embedding_cache(run / "embeddings"),
+        trainer = SICSRecTrainer(cfg.sicsrec, load_id_encoder(run / "train_id"),
+                                 load_embedding_cache(run / "embeddings"),
                                  dataset, out, cfg.seed, env, run_id)
         trainer.resume(restart=force)
         metrics = trainer.fit(stop_after_epoch)
