@@ -16,11 +16,13 @@ checkpoint/, train_log.jsonl (loss per step), tensorboard/, manifest.json.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -83,20 +85,6 @@ def trim_log(path: Path, last_epoch: int) -> None:
         path.write_text("".join(l + "\n" for l in lines))
 
 
-def _evaluate(engine: Engine, model: SequentialRecommender, dataset: PreparedDataset, split: str,
-              cfg: TrainConfig, progress: bool) -> dict:
-    engine.eval()
-
-    def score_fn(histories: torch.Tensor) -> torch.Tensor:
-        with engine.autocast():
-            hidden = model.sequence_repr(histories)
-        return model.logits(hidden)
-
-    with engine.gathered():
-        return evaluate(score_fn, dataset, split, cfg.max_len, cfg.eval_batch_size, mask_history=cfg.mask_history,
-                        device=engine.device, progress=progress)
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, dataset: PreparedDataset, out_dir: Path, seed: int, env, run_id: str):
         if cfg.batch_size % env.world_size:
@@ -128,6 +116,20 @@ class Trainer:
         model = build_model(self.cfg, self.dataset.num_items)
         return model, NextItemLoss(model)
 
+    def evaluate(self, split: str) -> dict:
+        """Full-ranking Hit/NDCG@5,10,20 on `split` (valid | test), sharded over ranks."""
+        engine, model, cfg = self.engine, self.model, self.cfg
+        engine.eval()
+
+        def score_fn(histories: torch.Tensor) -> torch.Tensor:
+            with engine.autocast():
+                hidden = model.sequence_repr(histories)
+            return model.logits(hidden)
+
+        with engine.gathered():
+            return evaluate(score_fn, self.dataset, split, cfg.max_len, cfg.eval_batch_size,
+                            mask_history=cfg.mask_history, device=engine.device, progress=self.env.is_main)
+
     def resume(self, restart: bool = False) -> None:
         """Continue from this run's checkpoint, if any; `restart` (--force) trains from scratch."""
         state = self.checkpoint.load(restart)
@@ -137,16 +139,29 @@ class Trainer:
     def save(self) -> None:
         self.checkpoint.save(self.state)
 
-    def train_epoch(self, epoch: int, tb) -> dict:
+    def epoch_batches(self, epoch: int) -> list[tuple[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]]]:
+        """This epoch's global batches, the same count on every rank, each as (global number of
+        sequences, a function making this rank's (inputs, targets)). Subclasses that stream their
+        data (TSSR from shards) override this."""
         env, cfg = self.env, self.cfg
-        batches = [b for b in epoch_batches(len(self.windows), cfg.batch_size, self.seed, epoch) if len(b) >= env.world_size]
+        batches = [b for b in epoch_batches(len(self.windows), cfg.batch_size, self.seed, epoch)
+                   if len(b) >= env.world_size]
+
+        def local(batch: torch.Tensor):
+            return collate([self.windows[i] for i in rank_slice(batch, env.rank, env.world_size)], cfg.max_len)
+
+        return [(len(b), functools.partial(local, b)) for b in batches]
+
+    def train_epoch(self, epoch: int, tb) -> dict:
+        env = self.env
+        batches = self.epoch_batches(epoch)
         self.engine.train()
         loss_sum = targets_sum = sequences = extra_sum = 0.0
         start = time.time()
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not env.is_main, leave=False)
         log_lines = []
-        for batch in bar:
-            inputs, targets = collate([self.windows[i] for i in rank_slice(batch, env.rank, env.world_size)], cfg.max_len)
+        for batch_sequences, make_batch in bar:
+            inputs, targets = make_batch()
             local_sum, local_count, *extra = self.engine(inputs.to(self.engine.device), targets.to(self.engine.device))
             extra = extra[0] if extra else local_sum.new_zeros(())
             totals = _all_sum(torch.stack([local_sum.detach().float(), local_count.float(), extra.detach().float()]))
@@ -157,7 +172,7 @@ class Trainer:
             loss_sum += totals[0].item()
             targets_sum += totals[1].item()
             extra_sum += totals[2].item() / env.world_size
-            sequences += len(batch)
+            sequences += batch_sequences
             rate = sequences / max(time.time() - start, 1e-9)
             bar.set_postfix(loss=f"{step_loss:.4f}", seq_s=f"{rate:.0f}")
             if tb:
@@ -184,7 +199,7 @@ class Trainer:
                     break
                 train = self.train_epoch(epoch, tb)
                 eval_start = time.time()
-                valid = _evaluate(self.engine, self.model, self.dataset, "valid", cfg, env.is_main)
+                valid = self.evaluate("valid")
                 train["eval_seconds"] = time.time() - eval_start
                 self._end_epoch(epoch, train, valid, tb)
                 if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -234,8 +249,8 @@ class Trainer:
         best = torch.load(self.out / "best_model.pt", map_location="cpu", weights_only=True)
         with self.engine.gathered(modify=True):
             self.model.load_state_dict(best)
-        valid = _evaluate(self.engine, self.model, self.dataset, "valid", cfg, env.is_main)
-        test = _evaluate(self.engine, self.model, self.dataset, "test", cfg, env.is_main)
+        valid = self.evaluate("valid")
+        test = self.evaluate("test")
         history = state["history"]
         train_seconds = sum(h["seconds"] for h in history)
         metrics = {
