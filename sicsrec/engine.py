@@ -102,9 +102,16 @@ def load_ds_config(path: str | Path, micro_batch: int, grad_accum: int, world_si
             cfg[key] = value
         elif key != "gradient_clipping" and cfg[key] != value:
             raise ValueError(f"{path}: {key}={cfg[key]} contradicts the trainer's {value}; set it to \"auto\"")
+    # bf16 = torch autocast (fp32 weights, the same numerics as the single/DDP engines) unless the
+    # config asks for DeepSpeed's native bf16 (bf16 weights: less memory; float inputs are cast).
     cfg.setdefault("bf16", {})
-    if cfg["bf16"].get("enabled", "auto") == "auto":
-        cfg["bf16"]["enabled"] = bf16
+    cfg.setdefault("torch_autocast", {})
+    native = cfg["bf16"].get("enabled", False)
+    cfg["bf16"]["enabled"] = bool(bf16 if native == "auto" else native)
+    autocast = cfg["torch_autocast"].get("enabled", "auto")
+    cfg["torch_autocast"]["enabled"] = bool(bf16 and not cfg["bf16"]["enabled"] if autocast == "auto" else autocast)
+    if cfg["torch_autocast"]["enabled"]:
+        cfg["torch_autocast"].setdefault("dtype", "bfloat16")
     if zero_stage is not None:
         cfg.setdefault("zero_optimization", {})["stage"] = zero_stage
     cfg["zero_allow_untested_optimizer"] = True
@@ -120,6 +127,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _to_bf16(obj):
+    """Floating tensors (in nested tuples/lists/dicts) cast to bf16; everything else as is."""
+    if torch.is_tensor(obj):
+        return obj.to(torch.bfloat16) if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_bf16(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to_bf16(v) for k, v in obj.items()}
+    return obj
+
+
 class Engine:
     """A model and its optimizer behind one interface for single, DDP and DeepSpeed training."""
 
@@ -133,13 +151,22 @@ class Engine:
     def zero_stage(self) -> int:
         return self.ds.zero_optimization_stage() if self.ds is not None else 0
 
+    @property
+    def native_bf16(self) -> bool:
+        """DeepSpeed's own bf16 mode: the model's weights are bf16 (no autocast)."""
+        return self.ds is not None and self.ds.bfloat16_enabled()
+
     def autocast(self):
-        """bf16 autocast for single/DDP; DeepSpeed casts the model itself."""
-        if self.ds is None and self.dtype == torch.bfloat16:
+        """bf16 autocast for code run outside the engine's forward (evaluation)."""
+        if self.dtype == torch.bfloat16 and not self.native_bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def __call__(self, *args, **kwargs):
+        if self.native_bf16:
+            args, kwargs = _to_bf16(args), _to_bf16(kwargs)
+        if self.ds is not None:  # DeepSpeed applies its torch_autocast config in its forward
+            return self.wrapped(*args, **kwargs)
         with self.autocast():
             return self.wrapped(*args, **kwargs)
 
@@ -256,7 +283,7 @@ def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, env: DistE
     config = load_ds_config(ds_config, micro_batch, grad_accum, env.world_size, grad_clip,
                             dtype == torch.bfloat16, zero_stage)
     ds_engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
-    dtype = torch.bfloat16 if config["bf16"]["enabled"] else torch.float32
+    dtype = torch.bfloat16 if config["bf16"]["enabled"] or config["torch_autocast"]["enabled"] else torch.float32
     return Engine(module, ds_optimizer, kind, env, device, dtype, ds_engine, ds_engine, grad_clip)
 
 
