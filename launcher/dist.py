@@ -6,6 +6,7 @@ node list, port from the job id so concurrent jobs do not collide). nccl on GPU,
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import subprocess
@@ -89,9 +90,11 @@ def init(env: DistEnv | None = None) -> DistEnv:
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(env.world_size)))
+    device_id = None
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend(), rank=env.rank, world_size=env.world_size)
+        device_id = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device_id)
+    dist.init_process_group(backend(), rank=env.rank, world_size=env.world_size, device_id=device_id)
     return env
 
 
@@ -107,3 +110,6 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+atexit.register(cleanup)  # whoever initialised the group (we, or DeepSpeed for one process)
