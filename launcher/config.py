@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from llm_labeling.config import LabelConfig
-from sicsrec.config import EncodeConfig, SFTConfig, SICSRecConfig, TrainConfig
+from sicsrec.config import EncodeConfig, SFTConfig, SICSRecConfig, TrainConfig, TSSRConfig
 
 
 @dataclass
@@ -63,6 +63,7 @@ class Config:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     train_id: TrainConfig = field(default_factory=TrainConfig)
     sicsrec: SICSRecConfig = field(default_factory=SICSRecConfig)
+    tssr: TSSRConfig = field(default_factory=TSSRConfig)
 
 
 class ConfigError(ValueError):

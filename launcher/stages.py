@@ -122,6 +122,24 @@ def train_sicsrec(cfg: Config, force: bool = False) -> dict:
     return run_train_sicsrec(cfg, force)
 
 
+def train_content(cfg: Config, force: bool = False) -> dict:
+    from sicsrec.train_content import train_content as run_train_content
+
+    return run_train_content(cfg, "content", force)
+
+
+def train_hybrid(cfg: Config, force: bool = False) -> dict:
+    from sicsrec.train_content import train_content as run_train_content
+
+    return run_train_content(cfg, "hybrid", force)
+
+
+def train_tssr(cfg: Config, force: bool = False) -> dict:
+    from sicsrec.train_tssr import train_tssr as run_train_tssr
+
+    return run_train_tssr(cfg, force)
+
+
 STAGES: dict[str, tuple[Callable[[Config, bool], dict], str]] = {
     "synth": (synth, "write the embedded default dataset (canonical format) into <run_dir>/synth"),
     "prepare": (prepare, "validate, k-core filter, time-sort, dense ids, leave-one-out split -> <run_dir>/prepare"),
@@ -134,8 +152,15 @@ STAGES: dict[str, tuple[Callable[[Config, bool], dict], str]] = {
                            "-> <run_dir>/train_id"),
     "train-sicsrec": (train_sicsrec, "SICSRec step 2: frozen step-1 encoder + LoRA, content encoder, mix decoder, "
                                      "CE + alpha ConCL -> <run_dir>/sicsrec"),
+    "train-content": (train_content, "baseline SASRec-Content: cached content embeddings as the only input "
+                                     "-> <run_dir>/sasrec_content"),
+    "train-hybrid": (train_hybrid, "baseline SASRec-Hybrid: ID + content embeddings at the input "
+                                   "-> <run_dir>/sasrec_hybrid"),
+    "train-tssr": (train_tssr, "TSSR: two-stream ID + content model, encoders in the loop (or cached), "
+                               "L_u + L_i + CE, DeepSpeed ZeRO -> <run_dir>/tssr"),
 }
-RESULT_STAGES = {"train-id": "SASRec (step 1)", "train-sicsrec": "SICSRec"}
+RESULT_STAGES = {"train-id": "SASRec (step 1)", "train-content": "SASRec-Content", "train-hybrid": "SASRec-Hybrid",
+                 "train-sicsrec": "SICSRec", "train-tssr": "TSSR"}
 
 
 def results_table(manifests: dict) -> str:

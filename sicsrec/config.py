@@ -104,5 +104,41 @@ class SICSRecConfig:
     l2norm: bool = True
     use_text: bool = True
     use_image: bool = True
-    strategy: str = "fixed_id"  # fixed_id (ours, Table 9) | end_to_end (ID encoder trains too)
+    # Table 9 training strategies: fixed_id (ours: step-1 encoder frozen + LoRA) | end_to_end (the
+    # whole model from scratch, ID encoder included) | fixed_content (content parts pre-trained first
+    # with the ID encoder frozen at its random init, then frozen while the ID parts train)
+    strategy: str = "fixed_id"
+    aggregate_init: str = "identity"  # identity: h_a = h_e at the start (step 2 starts at step 1) | random
     train: TrainConfig = field(default_factory=_step2_training)
+
+
+def _tssr_training() -> TrainConfig:
+    return TrainConfig(max_len=10, lr=1e-4, batch_size=128, epochs=20, patience=5, engine="deepspeed", zero_stage=2)
+
+
+@dataclass
+class TSSRConfig:
+    """Section `tssr`: TSSR end-to-end two-stream training (TSSR paper §3). `train` holds the
+    optimisation settings (engine, ZeRO stage, lr, global micro batch, epochs, max_len); its
+    ID-model fields (model, hidden, layers, heads, ffn_dim, activation, dropout, windows) are
+    not used here. The in-loop encoders are built from `sft.encoders` (or loaded from <run_dir>/sft)."""
+    content: str = "end_to_end"  # end_to_end (encoders run in the loop and train) | cache (frozen <run_dir>/embeddings)
+    use_text: bool = True
+    use_image: bool = True
+    init_from_sft: bool = True  # end_to_end: start from <run_dir>/sft/encoder when that stage has finished
+    grad_checkpointing: bool = False  # activation checkpointing in the in-loop encoder backbones
+    hidden: int = 128
+    heads: int = 4
+    uni_layers: int = 2  # L_uni: layers of each unimodal (ID, content) encoder
+    multi_layers: int = 1  # L_multi: cross-attention layers of each multimodal encoder
+    dropout: float = 0.2
+    lambda_u: float = 1.0  # weight of L_u (eq. 1, user-grained contrast)
+    lambda_i: float = 1.0  # weight of L_i (eq. 2, item-grained contrast)
+    lambda_ce: float = 1.0  # weight of the next-item cross-entropy
+    temperature_u: float = 0.2
+    temperature_i: float = 0.2
+    grad_accum: int = 1  # micro batches per optimizer step (needs train.engine=deepspeed)
+    steps_per_epoch: int = 0  # 0 = one pass over the train shards; >0 caps the micro batches per epoch
+    num_workers: int = 0  # data-loader workers per rank (decode + transform + tokenise the step's items)
+    encode_batch_size: int = 64  # items per forward when encoding every item for evaluation
+    train: TrainConfig = field(default_factory=_tssr_training)

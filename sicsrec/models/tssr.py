@@ -7,7 +7,7 @@
   scores = F . M_id (inner product with the ID table, tied), padding -inf.
 
 The content features come from outside: the text/image encoders run in the loop in end-to-end
-training, or the item embedding cache is looked up in the cheaper mode (sicsrec/tssr_train.py).
+training, or the item embedding cache is looked up in the cheaper mode (sicsrec/train_tssr.py).
 Every attention (self and cross) uses the causal padding mask: no position ever attends to a
 later one, and a padding row attends only to itself (the official code let padding rows with
 no valid key attend evenly to every position, the future included).
@@ -83,7 +83,9 @@ class TSSR(nn.Module):
         return TSSROutput(fused, f_id, f_con, id_emb, content_emb, real)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        scores = hidden @ self.item_emb.weight.T
+        """[..., d] -> [..., N+1] fp32 scores F . M_id; padding item 0 is never a candidate (-inf)."""
+        with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits: bf16 would tie many items
+            scores = hidden.float() @ self.item_emb.weight.float().T
         scores[..., 0] = float("-inf")
         return scores
 
