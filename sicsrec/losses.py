@@ -95,7 +95,8 @@ def _one_direction(rows: Tensor, cols: Tensor, row_ids: Tensor | None, pos_ids: 
 
 def info_nce(query: Tensor, key: Tensor, temperature: float, *, query_ids: Tensor | None = None,
              key_ids: Tensor | None = None, valid: Tensor | None = None, normalize: bool = False,
-             symmetric: bool = False, mask_duplicates: bool = True) -> ContrastiveOutput:
+             symmetric: bool = False, mask_duplicates: bool = True,
+             local_negatives: bool = False) -> ContrastiveOutput:
     """InfoNCE over paired rows (query[i], key[i]) with negatives from every rank's keys.
 
     query, key: (n, d) local rows, n may differ across ranks. Row i's logits are
@@ -105,7 +106,9 @@ def info_nce(query: Tensor, key: Tensor, temperature: float, *, query_ids: Tenso
     side; if only one is given the other is taken equal (both sides show the same item). With
     `mask_duplicates`, a column whose item equals the row's positive item or the row's own
     item is not a negative (-inf), except the positive itself. `symmetric` adds the key->query
-    direction and averages the two.
+    direction and averages the two. `local_negatives` skips every collective: negatives come
+    from this rank's rows only (plain DDP's behaviour; for benchmarks) and the loss is the
+    local mean.
     """
     if query.dim() != 2 or query.shape != key.shape:
         raise ValueError(f"query and key must both be (n, d) with the same shape, got {tuple(query.shape)} "
@@ -126,8 +129,8 @@ def info_nce(query: Tensor, key: Tensor, temperature: float, *, query_ids: Tenso
     if normalize:
         query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
 
-    _, rank = _world()
-    sizes = gather_sizes(n, device)
+    _, rank = (1, 0) if local_negatives else _world()
+    sizes = [n] if local_negatives else gather_sizes(n, device)
     offset = sum(sizes[:rank])
     all_valid = gather_rows(valid.to(torch.uint8), sizes, with_grad=False).bool()
     global_rows = int(all_valid.sum())
@@ -201,11 +204,13 @@ def sft_loss(text_a: Tensor, text_b: Tensor, ids_a: Tensor, ids_b: Tensor, tempe
 
 
 def concl_loss(user: Tensor, content: Tensor, target_ids: Tensor, temperature: float,
-               normalize: bool = False) -> ContrastiveOutput:
+               normalize: bool = False, local_negatives: bool = False) -> ContrastiveOutput:
     """SICSRec's content-aware contrastive loss (eq. 18): the aggregated sequence representation
     h_i^a vs the content embedding e_i^c of the sequence's target item; negatives are the other
-    sequences' target contents, across ranks, with repeated target items masked."""
-    return info_nce(user, content, temperature, key_ids=target_ids, normalize=normalize)
+    sequences' target contents, across ranks (this rank's only with `local_negatives`), with
+    repeated target items masked."""
+    return info_nce(user, content, temperature, key_ids=target_ids, normalize=normalize,
+                    local_negatives=local_negatives)
 
 
 def masked_mean(seq: Tensor, mask: Tensor) -> Tensor:

@@ -6,7 +6,11 @@
    the same number of micro batches on every rank (train image transform, tokenised per batch);
 3. trains t2t + i2i + t2i InfoNCE (`sicsrec.losses.sft_loss`, negatives pooled over ranks)
    under the engine (DeepSpeed ZeRO by default; gradient accumulation), checkpointing every
-   epoch (model, optimizer, epoch, step, RNG) so a killed run resumes to the same weights;
+   epoch (model, optimizer, epoch, step, RNG) so a killed run resumes to the same weights; on
+   SIGTERM / SIGUSR1 (sicsrec.preemption) all ranks stop at the same accumulation boundary,
+   checkpoint their position inside the epoch and exit with status 75; the re-run streams past
+   the batches already done and ends with the weights of an uninterrupted run. For that, each
+   batch's augmentation draws from its own RNG, seeded by (seed, epoch, the batch's item ids);
 4. saves the tuned encoders with `ContentEncoder.save(out_dir/"encoder")` (gathered under ZeRO-3).
 Retrieval recall@10 before and after SFT goes to metrics.json and the manifest:
 - t2i: each item with an image queries with its text; hit if its own image ranks in the top 10
@@ -18,12 +22,15 @@ number of candidates scoring strictly higher, so ties count in the query's favou
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import random
+import signal
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +50,8 @@ from sicsrec.encode import ItemEmbeddings, embed_items, from_main, initial_encod
 from sicsrec.encoders import ContentEncoder
 from sicsrec.engine import Engine, RunCheckpoint, build_engine
 from sicsrec.losses import sft_loss
-from sicsrec.train import TrainingInterrupted, trim_log
+from sicsrec.preemption import SIGNALS, PreemptionGuard, exit_for_requeue
+from sicsrec.train import StepLog, TrainingInterrupted, trim_log
 
 log = logging.getLogger(__name__)
 RECALL_AT = 10
@@ -94,14 +102,39 @@ def retrieval_recall(cache: ItemEmbeddings, held_out: list[tuple[int, int]], nor
     return out
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """Run a block on python / numpy / torch (CPU) RNGs seeded with `seed`, then restore the
+    streams that were there: the block neither consumes nor depends on them."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
+            seed_fn(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def ignore_preemption_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM / SIGUSR1 to their trainer, which stops at a step boundary
+    (torchrun and SLURM signal the whole process group)."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class PairCollate:
     """A list of decoded pair samples -> one batch: tokens of a-texts then b-texts, images (zero
-    placeholder + has_image False for missing or corrupt ones), item ids. Runs in loader workers."""
+    placeholder + has_image False for missing or corrupt ones), item ids. Runs in loader workers.
+    The train transform of a batch is seeded by (seed, epoch, the batch's item ids), so it does
+    not depend on the batches before it: a run resumed mid-epoch augments as the original did."""
 
-    def __init__(self, model: ContentEncoder):
+    def __init__(self, model: ContentEncoder, seed: int = 0):
         self.tokenizer, self.max_len = model.text.tokenizer, model.text.max_len
         self.transform = model.image_transform(train=True) if model.has_image_encoder else None
         self.size = model.cfg.image_size
+        self.seed, self.epoch = seed, 0  # the trainer sets epoch before each epoch's iteration
 
     def __call__(self, samples: list[dict]) -> dict:
         sides = [s["a"] for s in samples] + [s["b"] for s in samples]
@@ -111,8 +144,10 @@ class PairCollate:
                  "ids": torch.tensor([x["item"] for x in sides])}
         if self.transform is not None:
             batch["has_image"] = torch.tensor([x["image"] is not None for x in sides])
-            batch["images"] = torch.stack([self.transform(x["image"]) if x["image"] is not None
-                                           else torch.zeros(3, self.size, self.size) for x in sides])
+            key = json.dumps([self.seed, self.epoch, batch["ids"].tolist()]).encode()
+            with seeded_rng(zlib.crc32(key)):
+                batch["images"] = torch.stack([self.transform(x["image"]) if x["image"] is not None
+                                               else torch.zeros(3, self.size, self.size) for x in sides])
         return batch
 
 
@@ -133,9 +168,10 @@ class SFTTrainer:
         self.num_items = dataset.num_items
         model = initial_encoder(cfg.encoders, dataset, seed)
         self.reference = copy.deepcopy(model) if env.is_main else None  # rank 0's plain copy for eval and save
+        self.collate = PairCollate(model, seed)
         self.batches = EqualBatches(out / "pairs", "pairs", cfg.micro_batch, env.rank, env.world_size,
                                     num_workers=cfg.num_workers, seed=seed, skip_bad_images=False,
-                                    collate=PairCollate(model))
+                                    collate=self.collate)
         self.steps_per_epoch = len(self.batches) // cfg.grad_accum * cfg.grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.batches)} micro batches per rank cannot fill grad_accum={cfg.grad_accum}")
@@ -151,12 +187,13 @@ class SFTTrainer:
         for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
             seed_fn(seed * 1000 + env.rank)
         self.checkpoint = RunCheckpoint(self.engine, out / "checkpoint", run_id, env)
-        self.state = {"run_id": run_id, "epoch": -1, "step": 0, "history": [], "before": None}
+        # epoch = the last finished epoch; position = progress inside the next one (preemption)
+        self.state = {"run_id": run_id, "epoch": -1, "step": 0, "history": [], "before": None, "position": None}
 
     def resume(self, restart: bool = False) -> None:
         state = self.checkpoint.load(restart)
         if state is not None:  # only our keys: DeepSpeed adds reserved ones it refuses to save again
-            self.state = {key: state[key] for key in self.state}
+            self.state = {key: state.get(key, default) for key, default in self.state.items()}
 
     def save_checkpoint(self) -> None:
         self.checkpoint.save(self.state)
@@ -170,52 +207,72 @@ class SFTTrainer:
                             self.engine.device, self.engine.dtype, desc=f"eval {name}")
         return retrieval_recall(cache.aligned(self.num_items), self.held_out, self.cfg.normalize)
 
-    def train_epoch(self, epoch: int, tb) -> dict:
+    def train_epoch(self, epoch: int, tb, guard: PreemptionGuard | None = None) -> dict:
+        """One epoch. At each accumulation boundary every rank asks `guard` whether to stop (see
+        the module docstring); a resumed epoch streams past the micro batches already done."""
         cfg, env, engine = self.cfg, self.env, self.engine
+        position = self.state["position"] if (self.state["position"] or {}).get("epoch") == epoch else {}
+        done = position.get("batches", 0)
+        sums = torch.tensor(position.get("sums", [0.0] * 4))
+        pairs, seconds_before = position.get("pairs", 0), position.get("seconds", 0.0)
         self.batches.set_epoch(epoch)
-        loader = (torch.utils.data.DataLoader(self.batches, batch_size=None, num_workers=cfg.num_workers)
+        self.collate.epoch = epoch
+        # a seeded generator: the loader must not draw its worker seeds from the global RNG,
+        # whose state differs in a run resumed mid-epoch
+        loader = (torch.utils.data.DataLoader(self.batches, batch_size=None, num_workers=cfg.num_workers,
+                                              generator=torch.Generator().manual_seed(self.seed),
+                                              worker_init_fn=ignore_preemption_signals)
                   if cfg.num_workers > 0 else self.batches)
         engine.train()
-        sums, pairs, lines, start = torch.zeros(4), 0, [], time.time()
-        bar = tqdm(total=self.steps_per_epoch, desc=f"sft epoch {epoch}", disable=not env.is_main, leave=False)
-        for n_batch, batch in enumerate(loader):
-            if n_batch == self.steps_per_epoch:
-                break  # a partial accumulation would leak into the next epoch
-            n = len(batch["ids"]) // 2
-            ids = batch["ids"].to(engine.device)
-            images = batch.get("images")
-            if images is not None and engine.ds is not None:
-                images = images.to(engine.device, engine.dtype)  # DeepSpeed casts the model, not the inputs
-            out = engine(texts=batch["tokens"], images=images)
-            image_kw = {}
-            if images is not None:
-                has = batch["has_image"]
-                image_kw = dict(image_a=out["image"][:n], image_b=out["image"][n:], has_image_a=has[:n],
-                                has_image_b=has[n:])
-            loss = sft_loss(out["text"][:n], out["text"][n:], ids[:n], ids[n:], cfg.temperature, **image_kw,
-                            normalize=cfg.normalize, symmetric=cfg.symmetric, mask_duplicates=cfg.mask_duplicates)
-            engine.backward(loss.total)
-            engine.step()
-            parts = [loss.total, loss.t2t, loss.i2i if loss.i2i is not None else loss.total * 0,
-                     loss.t2i if loss.t2i is not None else loss.total * 0]
-            logged = _mean_over_ranks(torch.stack([p.detach().float() for p in parts])).cpu()
-            self.state["step"] += 1
-            sums += logged
-            pairs += n * env.world_size
-            rate = pairs / max(time.time() - start, 1e-9)
-            bar.update()
-            bar.set_postfix(loss=f"{logged[0]:.4f}", pairs_s=f"{rate:.1f}")
-            if tb:
-                for name, value in zip(("total", "t2t", "i2i", "t2i"), logged.tolist()):
-                    tb.add_scalar(f"train/{name}", value, self.state["step"])
-            lines.append(json.dumps({"epoch": epoch, "step": self.state["step"],
-                                     **dict(zip(("loss", "t2t", "i2i", "t2i"), logged.tolist()))}))
+        start = time.time()
+        bar = tqdm(total=self.steps_per_epoch, initial=done, desc=f"sft epoch {epoch}", disable=not env.is_main,
+                   leave=False)
+        with StepLog(self.out / "train_log.jsonl", env.is_main) as step_log:
+            for n_batch, batch in enumerate(loader):
+                if n_batch == self.steps_per_epoch:
+                    break  # a partial accumulation would leak into the next epoch
+                if n_batch < done:
+                    continue  # trained on before the preemption
+                n = len(batch["ids"]) // 2
+                ids = batch["ids"].to(engine.device)
+                images = batch.get("images")
+                if images is not None and engine.ds is not None:
+                    images = images.to(engine.device, engine.dtype)  # DeepSpeed casts the model, not the inputs
+                out = engine(texts=batch["tokens"], images=images)
+                image_kw = {}
+                if images is not None:
+                    has = batch["has_image"]
+                    image_kw = dict(image_a=out["image"][:n], image_b=out["image"][n:], has_image_a=has[:n],
+                                    has_image_b=has[n:])
+                loss = sft_loss(out["text"][:n], out["text"][n:], ids[:n], ids[n:], cfg.temperature, **image_kw,
+                                normalize=cfg.normalize, symmetric=cfg.symmetric,
+                                mask_duplicates=cfg.mask_duplicates)
+                engine.backward(loss.total)
+                engine.step()
+                parts = [loss.total, loss.t2t, loss.i2i if loss.i2i is not None else loss.total * 0,
+                         loss.t2i if loss.t2i is not None else loss.total * 0]
+                logged = _mean_over_ranks(torch.stack([p.detach().float() for p in parts])).cpu()
+                self.state["step"] += 1
+                sums += logged
+                pairs += n * env.world_size
+                rate = (pairs - position.get("pairs", 0)) / max(time.time() - start, 1e-9)
+                bar.update()
+                bar.set_postfix(loss=f"{logged[0]:.4f}", pairs_s=f"{rate:.1f}")
+                if tb:
+                    for name, value in zip(("total", "t2t", "i2i", "t2i"), logged.tolist()):
+                        tb.add_scalar(f"train/{name}", value, self.state["step"])
+                step_log.write({"epoch": epoch, "step": self.state["step"],
+                                **dict(zip(("loss", "t2t", "i2i", "t2i"), logged.tolist()))})
+                at_boundary = (n_batch + 1) % cfg.grad_accum == 0  # no half-accumulated gradients in a checkpoint
+                if guard is not None and at_boundary and guard.should_stop(self.state["step"]):
+                    bar.close()
+                    self.state["position"] = {"epoch": epoch, "batches": n_batch + 1, "sums": sums.tolist(),
+                                              "pairs": pairs, "seconds": seconds_before + time.time() - start}
+                    self.save_checkpoint()
+                    exit_for_requeue(guard, self.out, epoch, self.state["step"], n_batch + 1, env.is_main)
         bar.close()
-        seconds = time.time() - start
-        if env.is_main:
-            with open(self.out / "train_log.jsonl", "a") as f:
-                f.write("".join(line + "\n" for line in lines))
-        means = (sums / max(len(lines), 1)).tolist()
+        seconds = seconds_before + time.time() - start
+        means = (sums / self.steps_per_epoch).tolist()
         return {"epoch": epoch, "loss": means[0], "t2t": means[1], "i2i": means[2], "t2i": means[3],
                 "seconds": seconds, "pairs": pairs, "pairs_per_s": pairs / max(seconds, 1e-9)}
 
@@ -229,20 +286,25 @@ class SFTTrainer:
             from torch.utils.tensorboard import SummaryWriter
 
             tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=state["step"] + 1)
-            trim_log(self.out / "train_log.jsonl", state["epoch"])
+            trim_log(self.out / "train_log.jsonl", state["step"])
         try:
-            for epoch in range(state["epoch"] + 1, self.cfg.epochs):
-                summary = self.train_epoch(epoch, tb)
-                state["history"].append(summary)
-                state["epoch"] = epoch
-                if tb:
-                    tb.add_scalar("train/epoch_loss", summary["loss"], state["step"])
-                    tb.add_scalar("train/pairs_per_s", summary["pairs_per_s"], state["step"])
-                    tb.flush()
-                    log.info("sft epoch %d: loss %.4f, %.1f pairs/s", epoch, summary["loss"], summary["pairs_per_s"])
-                self.save_checkpoint()
-                if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                    raise TrainingInterrupted(f"stopped after epoch {epoch} (checkpoint saved)")
+            with PreemptionGuard(self.engine.device) as guard:
+                for epoch in range(state["epoch"] + 1, self.cfg.epochs):
+                    summary = self.train_epoch(epoch, tb, guard)
+                    state["history"].append(summary)
+                    state["epoch"] = epoch
+                    state["position"] = None
+                    if tb:
+                        tb.add_scalar("train/epoch_loss", summary["loss"], state["step"])
+                        tb.add_scalar("train/pairs_per_s", summary["pairs_per_s"], state["step"])
+                        tb.flush()
+                        log.info("sft epoch %d: loss %.4f, %.1f pairs/s", epoch, summary["loss"],
+                                 summary["pairs_per_s"])
+                    self.save_checkpoint()
+                    if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                        raise TrainingInterrupted(f"stopped after epoch {epoch} (checkpoint saved)")
+                    if epoch + 1 < self.cfg.epochs and guard.should_stop():  # the epoch's checkpoint is saved
+                        exit_for_requeue(guard, self.out, epoch + 1, state["step"], 0, env.is_main)
         finally:
             if tb:
                 tb.close()

@@ -10,8 +10,11 @@
 After each epoch: validation Hit/NDCG@5/10/20 (sharded over ranks), early stopping on NDCG@10
 with `patience`, the best weights in `best_model.pt`, and a checkpoint (model, optimizer, epoch,
 best metric, patience counter, RNG states) from which a killed run resumes to the same result.
+On SIGTERM / SIGUSR1 (SLURM preemption, sicsrec.preemption) all ranks stop after the same
+step, checkpoint their position inside the epoch and exit with status 75; the re-run skips the
+epoch's batches already done (without making them) and ends as an uninterrupted run would.
 Test metrics use the best weights. Outputs in out_dir: metrics.json, best_model.pt,
-checkpoint/, train_log.jsonl (loss per step), tensorboard/, manifest.json.
+checkpoint/, train_log.jsonl (loss per step, written as it goes), tensorboard/, manifest.json.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from sicsrec.engine import Engine, RunCheckpoint, build_engine
 from sicsrec.evaluate import evaluate
 from sicsrec.models.gru4rec import GRU4Rec
 from sicsrec.models.sasrec import SASRec, SequentialRecommender
+from sicsrec.preemption import PreemptionGuard, exit_for_requeue
 
 log = logging.getLogger(__name__)
 SELECT_METRIC = "ndcg@10"
@@ -78,11 +82,31 @@ def _all_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def trim_log(path: Path, last_epoch: int) -> None:
-    """Drop log lines of epochs after the checkpoint (a killed run may have logged some)."""
+def trim_log(path: Path, last_step: int) -> None:
+    """Drop log lines of steps after the checkpoint (a killed run may have logged some)."""
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["epoch"] <= last_epoch]
+        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= last_step]
         path.write_text("".join(l + "\n" for l in lines))
+
+
+class StepLog:
+    """train_log.jsonl, appended one JSON line per step and flushed, so that the log of a
+    preempted (or killed) run is complete up to its last step. Only the main rank writes."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.file = open(path, "a") if enabled else None
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def __enter__(self) -> "StepLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file:
+            self.file.close()
 
 
 class Trainer:
@@ -105,8 +129,9 @@ class Trainer:
                                    zero_stage=None if cfg.zero_stage < 0 else cfg.zero_stage)
         torch.manual_seed(seed * 1000 + env.rank)  # dropout streams differ per rank
         self.checkpoint = RunCheckpoint(self.engine, out_dir / "checkpoint", run_id, env)
+        # epoch = the last finished epoch; position = progress inside the next one (preemption)
         self.state = {"run_id": run_id, "epoch": -1, "step": 0, "best_metric": float("-inf"), "best_epoch": -1,
-                      "bad_epochs": 0, "stopped": False, "history": []}
+                      "bad_epochs": 0, "stopped": False, "history": [], "position": None}
 
     def build(self) -> tuple[SequentialRecommender, nn.Module]:
         """(recommender, loss module). Subclasses (SICSRec step 2) override this. The loss module
@@ -134,7 +159,7 @@ class Trainer:
         """Continue from this run's checkpoint, if any; `restart` (--force) trains from scratch."""
         state = self.checkpoint.load(restart)
         if state is not None:
-            self.state = state
+            self.state = {"position": None, **state}  # checkpoints from before preemption support lack it
 
     def save(self) -> None:
         self.checkpoint.save(self.state)
@@ -152,38 +177,51 @@ class Trainer:
 
         return [(len(b), functools.partial(local, b)) for b in batches]
 
-    def train_epoch(self, epoch: int, tb) -> dict:
+    def train_epoch(self, epoch: int, tb, guard: PreemptionGuard | None = None) -> dict:
+        """One epoch of steps. After each step every rank asks `guard` whether to stop; if so the
+        position (batches done, partial sums) goes into the checkpoint and the process exits for
+        requeue. A resumed epoch skips the batches done without calling their make_batch."""
         env = self.env
         batches = self.epoch_batches(epoch)
+        position = self.state["position"] if (self.state["position"] or {}).get("epoch") == epoch else {}
+        done = position.get("batches", 0)
+        sums = {name: position.get(name, 0.0) for name in ("loss_sum", "targets", "extra_sum", "sequences", "seconds")}
         self.engine.train()
-        loss_sum = targets_sum = sequences = extra_sum = 0.0
         start = time.time()
-        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not env.is_main, leave=False)
-        log_lines = []
-        for batch_sequences, make_batch in bar:
-            inputs, targets = make_batch()
-            local_sum, local_count, *extra = self.engine(inputs.to(self.engine.device), targets.to(self.engine.device))
-            extra = extra[0] if extra else local_sum.new_zeros(())
-            totals = _all_sum(torch.stack([local_sum.detach().float(), local_count.float(), extra.detach().float()]))
-            self.engine.backward(local_sum * env.world_size / totals[1] + extra)
-            self.engine.step()
-            step_loss = (totals[0] / totals[1] + totals[2] / env.world_size).item()
-            self.state["step"] += 1
-            loss_sum += totals[0].item()
-            targets_sum += totals[1].item()
-            extra_sum += totals[2].item() / env.world_size
-            sequences += batch_sequences
-            rate = sequences / max(time.time() - start, 1e-9)
-            bar.set_postfix(loss=f"{step_loss:.4f}", seq_s=f"{rate:.0f}")
-            if tb:
-                tb.add_scalar("train/loss", step_loss, self.state["step"])
-            log_lines.append(json.dumps({"epoch": epoch, "step": self.state["step"], "loss": step_loss}))
-        seconds = time.time() - start
-        if env.is_main:
-            with open(self.out / "train_log.jsonl", "a") as f:
-                f.write("".join(line + "\n" for line in log_lines))
-        return {"loss": loss_sum / max(targets_sum, 1), "extra_loss": extra_sum / max(len(batches), 1),
-                "seconds": seconds, "sequences": sequences, "targets": targets_sum}
+        bar = tqdm(total=len(batches), initial=done, desc=f"epoch {epoch}", disable=not env.is_main, leave=False)
+        with StepLog(self.out / "train_log.jsonl", env.is_main) as step_log:
+            for index in range(done, len(batches)):
+                batch_sequences, make_batch = batches[index]
+                inputs, targets = make_batch()
+                local_sum, local_count, *extra = self.engine(inputs.to(self.engine.device),
+                                                             targets.to(self.engine.device))
+                extra = extra[0] if extra else local_sum.new_zeros(())
+                totals = _all_sum(torch.stack([local_sum.detach().float(), local_count.float(),
+                                               extra.detach().float()]))
+                self.engine.backward(local_sum * env.world_size / totals[1] + extra)
+                self.engine.step()
+                step_loss = (totals[0] / totals[1] + totals[2] / env.world_size).item()
+                self.state["step"] += 1
+                sums["loss_sum"] += totals[0].item()
+                sums["targets"] += totals[1].item()
+                sums["extra_sum"] += totals[2].item() / env.world_size
+                sums["sequences"] += batch_sequences
+                rate = (sums["sequences"] - position.get("sequences", 0)) / max(time.time() - start, 1e-9)
+                bar.update()
+                bar.set_postfix(loss=f"{step_loss:.4f}", seq_s=f"{rate:.0f}")
+                if tb:
+                    tb.add_scalar("train/loss", step_loss, self.state["step"])
+                step_log.write({"epoch": epoch, "step": self.state["step"], "loss": step_loss})
+                if guard is not None and guard.should_stop(self.state["step"]):
+                    bar.close()
+                    sums["seconds"] += time.time() - start
+                    self.state["position"] = {"epoch": epoch, "batches": index + 1, **sums}
+                    self.save()
+                    exit_for_requeue(guard, self.out, epoch, self.state["step"], index + 1, env.is_main)
+        bar.close()
+        seconds = sums["seconds"] + time.time() - start
+        return {"loss": sums["loss_sum"] / max(sums["targets"], 1), "extra_loss": sums["extra_sum"] / max(len(batches), 1),
+                "seconds": seconds, "sequences": sums["sequences"], "targets": sums["targets"]}
 
     def fit(self, stop_after_epoch: int | None = None) -> dict:
         env, cfg, state = self.env, self.cfg, self.state
@@ -192,18 +230,22 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=state["step"] + 1)
-            trim_log(self.out / "train_log.jsonl", state["epoch"])
+            trim_log(self.out / "train_log.jsonl", state["step"])
         try:
-            for epoch in range(state["epoch"] + 1, cfg.epochs):
-                if state["stopped"]:
-                    break
-                train = self.train_epoch(epoch, tb)
-                eval_start = time.time()
-                valid = self.evaluate("valid")
-                train["eval_seconds"] = time.time() - eval_start
-                self._end_epoch(epoch, train, valid, tb)
-                if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                    raise TrainingInterrupted(f"stopped after epoch {epoch} (checkpoint saved)")
+            with PreemptionGuard(self.engine.device) as guard:
+                for epoch in range(state["epoch"] + 1, cfg.epochs):
+                    if state["stopped"]:
+                        break
+                    train = self.train_epoch(epoch, tb, guard)
+                    eval_start = time.time()
+                    valid = self.evaluate("valid")
+                    train["eval_seconds"] = time.time() - eval_start
+                    self._end_epoch(epoch, train, valid, tb)
+                    if stop_after_epoch is not None and epoch >= stop_after_epoch:
+                        raise TrainingInterrupted(f"stopped after epoch {epoch} (checkpoint saved)")
+                    more = epoch + 1 < cfg.epochs and not state["stopped"]
+                    if more and guard.should_stop():  # signalled during evaluation: the epoch's checkpoint is saved
+                        exit_for_requeue(guard, self.out, epoch + 1, state["step"], 0, env.is_main)
         finally:
             if tb:
                 tb.close()
@@ -222,6 +264,7 @@ class Trainer:
             state["bad_epochs"] += 1
         state["stopped"] = state["bad_epochs"] >= self.cfg.patience
         state["epoch"] = epoch
+        state["position"] = None
         state["history"].append({"epoch": epoch, "loss": train["loss"], "extra_loss": train["extra_loss"],
                                  "seconds": train["seconds"],
                                  "eval_seconds": train["eval_seconds"], "sequences": train["sequences"],

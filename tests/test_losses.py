@@ -232,3 +232,36 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
             torch.testing.assert_close(got["grad_inputs"][key], single["grad_inputs"][key], atol=1e-6, rtol=1e-5,
                                        msg=f"{name}: gradient of {key}")
         assert single["grad_proj"].abs().sum() > 0, name
+
+
+def _local_negatives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        case = _cases()["unequal_valid"]
+        start = sum(case["sizes"][:rank])
+        rows = slice(start, start + case["sizes"][rank])
+
+        def no_collective(*args, **kwargs):
+            raise AssertionError("local_negatives=True ran a collective")
+
+        import sicsrec.losses as losses  # any all_gather in the flagged path now fails loudly
+        losses.dist.all_gather = losses.dist_nn.all_gather = no_collective
+        out = info_nce(case["floats"]["query"][rows], case["floats"]["key"][rows], local_negatives=True,
+                       **{k: v[rows] for k, v in case["others"].items()}, **case["kwargs"])
+        torch.save(out.loss, os.path.join(out_dir, f"local-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_local_negatives_use_only_this_ranks_rows(tmp_path):
+    """`local_negatives=True` (the benchmark's no-all-gather baseline) on each of 2 ranks equals
+    a process without any group computing InfoNCE over that rank's rows alone."""
+    mp.spawn(_local_negatives_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    case = _cases()["unequal_valid"]
+    for rank in range(2):
+        start = sum(case["sizes"][:rank])
+        rows = slice(start, start + case["sizes"][rank])
+        alone = info_nce(case["floats"]["query"][rows], case["floats"]["key"][rows],
+                         **{k: v[rows] for k, v in case["others"].items()}, **case["kwargs"]).loss
+        torch.testing.assert_close(torch.load(tmp_path / f"local-{rank}.pt"), alone)

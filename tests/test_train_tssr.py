@@ -251,7 +251,11 @@ def test_memory_benchmark_runs_on_one_cpu_process(tmp_path):
     """benchmarks/tssr_memory.py end to end (1 process, ZeRO 0 and 1, checkpointing on): every row
     holds exactly AdamW's two fp32 moments per parameter (1 rank: ZeRO partitions nothing)."""
     out = tmp_path / "memory.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", DS_BUILD_OPS="0", CUDA_VISIBLE_DEVICES="")
+    with socket.socket() as s:  # DeepSpeed sets up a 1-process group: not on the default port other jobs may hold
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", DS_BUILD_OPS="0", CUDA_VISIBLE_DEVICES="",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cmd = [sys.executable, str(REPO / "benchmarks" / "tssr_memory.py"), "--stages", "0,1", "--micro", "2",
            "--checkpointing", "on", "--steps", "1", "--warmup", "0", "--items", "40", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
