@@ -10,9 +10,20 @@ same item elsewhere in the global batch masked (sicsrec.losses.concl_loss). Simi
 cosine (h_a normalised as well): at tau = 0.05 raw inner products of unnormalised h_a explode.
 Theta: the content adapters' weights, the trainable stand-ins of E_text and E_image (the cached
 tables themselves are frozen, and E_id is frozen in step 2).
+
+Training strategies (Table 9, `sicsrec.strategy`):
+  fixed_id       ours: the step-1 encoder frozen (+ LoRA), the rest trained.
+  end_to_end     the paper's "End2end (not fixed)": the whole model from scratch in one run, the
+                 ID encoder re-initialised (same architecture as step 1) and trained jointly.
+  fixed_content  the paper's "Fixed ConEnc": phase 1 (in <out>/content_pretrain/) trains the
+                 content adapters, CMSE, MMSD and aggregation with the ID encoder frozen at its
+                 random init; phase 2 (in <out>/) starts from phase 1's best weights, freezes
+                 the content parts (`SICSRec.content_modules`) and trains the ID encoder, MMSD
+                 and aggregation. Epochs to convergence count both phases.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -54,23 +65,50 @@ class SICSRecLoss(nn.Module):
         return ce_sum, real.sum(), extra
 
 
+STRATEGIES = ("fixed_id", "end_to_end", "fixed_content")
+
+
 class SICSRecTrainer(Trainer):
-    def __init__(self, cfg: SICSRecConfig, id_encoder, tables: dict, *args):
+    """Step 2 on the step-1 Trainer. `phase` (fixed_content only): "content" = phase 1, "id" =
+    phase 2, which starts from `init_state` (phase 1's best weights)."""
+
+    def __init__(self, cfg: SICSRecConfig, id_encoder, tables: dict, *args, phase: str = "",
+                 init_state: dict | None = None):
+        if cfg.strategy not in STRATEGIES:
+            raise ValueError(f"sicsrec.strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
         self.step2, self.id_encoder, self.tables = cfg, id_encoder, tables
+        self.phase, self.init_state = phase, init_state
         super().__init__(cfg.train, *args)
 
     def build(self):
         c = self.step2
-        if c.strategy not in ("fixed_id", "end_to_end"):
-            raise ValueError(f"sicsrec.strategy must be fixed_id or end_to_end, got {c.strategy!r}")
-        encoder = freeze_with_lora(self.id_encoder, c.lora_rank, use_lora=c.use_lora and c.strategy == "fixed_id")
-        if c.strategy == "end_to_end":
-            for p in encoder.parameters():
-                p.requires_grad_(True)
+        encoder = self.id_encoder
+        if c.strategy != "fixed_id":  # Table 9's other strategies start the ID encoder from scratch
+            encoder = copy.deepcopy(encoder)
+            encoder.apply(_reset_parameters)
+        encoder = freeze_with_lora(encoder, c.lora_rank, use_lora=c.use_lora and c.strategy == "fixed_id")
         variant = SICSRecVariant(c.use_imse, c.use_cmse, c.use_mmsd, c.l2norm, c.use_text, c.use_image)
         model = SICSRec(encoder, self.tables.get("text"), self.tables.get("image"), self.tables.get("has_image"),
-                        c.content_layers, c.decoder_layers, c.heads, c.dropout, variant)
+                        c.content_layers, c.decoder_layers, c.heads, c.dropout, variant,
+                        aggregate_init=c.aggregate_init if c.strategy == "fixed_id" else "random")
+        if self.init_state is not None:
+            model.load_state_dict(self.init_state)
+        if c.strategy == "end_to_end" or self.phase == "id":
+            encoder.requires_grad_(True)
+        if self.phase == "id":
+            for module in model.content_modules():
+                module.requires_grad_(False)
         return model, SICSRecLoss(model, c.alpha, c.temperature, c.reg)
+
+
+def _reset_parameters(module: nn.Module) -> None:
+    """A fresh initialisation of the ID encoder (SASRec's own init where it has one)."""
+    from sicsrec.models.sasrec import _init_weights
+
+    if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+        _init_weights(module)
+    elif isinstance(module, nn.GRU):
+        module.reset_parameters()
 
 
 def load_embedding_cache(folder: Path) -> dict:
@@ -100,11 +138,27 @@ def train_sicsrec(cfg: Config, force: bool = False, stop_after_epoch: int | None
     run_id = fingerprint(section, inputs)
 
     def body(out: Path) -> dict:
-        trainer = SICSRecTrainer(cfg.sicsrec, load_id_encoder(run / "train_id"),
-                                 load_embedding_cache(run / "embeddings"),
-                                 dataset, out, cfg.seed, env, run_id)
-        trainer.resume(restart=force)
-        metrics = trainer.fit(stop_after_epoch)
-        return {k: v for k, v in metrics.items() if k != "history"}
+        args = (load_id_encoder(run / "train_id"), load_embedding_cache(run / "embeddings"), dataset)
+        if cfg.sicsrec.strategy != "fixed_content":
+            metrics = _fit(SICSRecTrainer(cfg.sicsrec, *args, out, cfg.seed, env, run_id), force, stop_after_epoch)
+            metrics["epochs_to_best"] = metrics["best_epoch"] + 1
+            return metrics
+        phase1_dir = out / "content_pretrain"
+        phase1_dir.mkdir(parents=True, exist_ok=True)
+        first = _fit(SICSRecTrainer(cfg.sicsrec, *args, phase1_dir, cfg.seed, env, run_id + "-content",
+                                    phase="content"), force, stop_after_epoch)
+        best = torch.load(phase1_dir / "best_model.pt", map_location="cpu", weights_only=True)
+        metrics = _fit(SICSRecTrainer(cfg.sicsrec, *args, out, cfg.seed, env, run_id, phase="id", init_state=best),
+                       force, None if stop_after_epoch is None else stop_after_epoch - first["epochs_run"])
+        metrics["content_pretrain"] = {k: first[k] for k in ("best_epoch", "epochs_run", "valid", "test")}
+        metrics["epochs_run_total"] = first["epochs_run"] + metrics["epochs_run"]
+        metrics["epochs_to_best"] = first["epochs_run"] + metrics["best_epoch"] + 1
+        return metrics
 
     return run_stage(run / "sicsrec", "train_sicsrec", section, inputs, body, force, env.is_main)
+
+
+def _fit(trainer: SICSRecTrainer, force: bool, stop_after_epoch: int | None) -> dict:
+    trainer.resume(restart=force)
+    metrics = trainer.fit(stop_after_epoch)
+    return {k: v for k, v in metrics.items() if k != "history"}

@@ -89,3 +89,21 @@ def test_invalid_variants_are_clear_errors():
         build(SICSRecVariant(use_imse=False))
     with pytest.raises(ValueError, match="needs the ID encoder, the content encoder, or both"):
         build(SICSRecVariant(use_imse=False, use_cmse=False, use_mmsd=False))
+
+
+@pytest.mark.parametrize("variant", [SICSRecVariant(), SICSRecVariant(use_mmsd=False), SICSRecVariant(use_cmse=False,
+                                                                                                      use_mmsd=False)])
+def test_identity_aggregation_starts_step2_at_the_step1_model(variant):
+    torch.manual_seed(0)
+    base = SASRec(N, hidden=D, layers=2, heads=2, dropout=0.0, max_len=8).eval()
+    seq = torch.randint(0, N + 1, (3, 8))
+    expected = base.score_all(seq)
+    model = SICSRec(freeze_with_lora(base, rank=2), torch.randn(N + 1, 12), None, None, content_layers=1,
+                    decoder_layers=1, heads=2, dropout=0.0, variant=variant, aggregate_init="identity").eval()
+    assert torch.allclose(model.score_all(seq)[:, 1:], expected[:, 1:], atol=1e-5)
+    loss = F.cross_entropy(model.logits(model.sequence_repr(seq)), torch.randint(1, N + 1, (3,)))
+    loss.backward()
+    if variant.use_cmse:  # the zero-initialised content blocks of the aggregation still learn
+        assert model.aggregate.weight.grad[:, D:].abs().sum() > 0
+    with pytest.raises(ValueError, match="aggregate_init"):
+        SICSRec(base, torch.randn(N + 1, 12), None, aggregate_init="zeros")

@@ -110,3 +110,75 @@ def _cli_sets(root: Path) -> list[str]:
     sets += [f"sicsrec.train.{k}={v}" for k, v in train.items()]
     sets += [f"sicsrec.{k}={v}" for k, v in dataclasses.asdict(cfg.sicsrec).items() if k != "train"]
     return sets
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+CONTENT_PARTS = ("text_adapter.", "image_adapter.", "cmse.", "content_pos.", "content_norm.")
+
+
+def test_fixed_content_pretrains_content_parts_then_trains_the_id_parts(run):
+    from sicsrec.train_sicsrec import _reset_parameters
+
+    cfg = overrides(run, strategy="fixed_content", dropout=0.3)
+    full = train_sicsrec(cfg, force=True)["metrics"]
+    phase1, final = _state(run / "sicsrec" / "content_pretrain" / "best_model.pt"), _state(run / "sicsrec" / "best_model.pt")
+    # phase 1: the ID encoder is frozen at a fresh random init (the first thing drawn after the seed)
+    fresh = load_id_encoder(run / "train_id")
+    torch.manual_seed(0)
+    fresh.apply(_reset_parameters)
+    assert all(torch.equal(phase1[f"id_encoder.{k}"], v) for k, v in fresh.state_dict().items())
+    assert not any("lora_" in k for k in final)
+    # phase 2: the content parts stay at phase 1's best, the ID encoder trains
+    content = [k for k in final if k.startswith(CONTENT_PARTS)]
+    assert content and all(torch.equal(final[k], phase1[k]) for k in content)
+    assert not torch.equal(final["id_encoder.item_emb.weight"], phase1["id_encoder.item_emb.weight"])
+    pre = full["content_pretrain"]
+    assert full["epochs_run_total"] == pre["epochs_run"] + full["epochs_run"] == 4
+    assert full["epochs_to_best"] == pre["epochs_run"] + full["best_epoch"] + 1
+    # killed in phase 2, resumed: the same result
+    with pytest.raises(TrainingInterrupted):
+        train_sicsrec(cfg, force=True, stop_after_epoch=2)
+    assert train_sicsrec(cfg)["metrics"]["test"] == pytest.approx(full["test"], abs=1e-9)
+
+
+def test_end_to_end_trains_everything_from_scratch(run):
+    full = train_sicsrec(overrides(run, strategy="end_to_end"), force=True)["metrics"]
+    best, step1 = _state(run / "sicsrec" / "best_model.pt"), load_id_encoder(run / "train_id").state_dict()
+    assert not any("lora_" in k for k in best)
+    weights = [k for k in step1 if k.endswith("weight") and "norm" not in k]
+    assert all(not torch.equal(best[f"id_encoder.{k}"], step1[k]) for k in weights)  # re-initialised, trained
+    assert full["epochs_to_best"] == full["best_epoch"] + 1
+    with pytest.raises(ValueError, match="strategy"):
+        train_sicsrec(overrides(run, strategy="fixed_idemb"), force=True)
+
+
+def test_quality_benchmark_rows_seeds_and_merge(tmp_path):
+    """benchmarks/quality.py on finished upstream folders: rows x seeds, mean ± std over seeds,
+    rows of a later invocation merge into the same JSON, and SICSRec rows reuse the seed's step 1."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    root = make_run(tmp_path / "run")
+    config, out = tmp_path / "tiny.yaml", tmp_path / "quality_tiny.json"
+    config.write_text(f"run_dir: {root}\n")
+    cfg = overrides(root)
+    sets = [f"train_id.{k}={v}" for k, v in dataclasses.asdict(cfg.train_id).items()]
+    sets += [f"sicsrec.train.{k}={v}" for k, v in dataclasses.asdict(cfg.sicsrec.train).items()]
+    sets += ["sicsrec.dropout=0.0", "sicsrec.temperature=0.2"]
+    args = ["--config", str(config), "--skip-upstream", "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+    assert quality.main(args + ["--rows", "sasrec,wo_concl", "--seeds", "0,1"]) == 0
+    assert quality.main(args + ["--rows", "wo_mmsd", "--seeds", "0"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["sasrec", "wo_concl", "wo_mmsd"] and len(rows["wo_mmsd"]["seeds"]) == 1
+    ndcg = [rows["sasrec"]["seeds"][s]["test"]["ndcg@10"] for s in ("0", "1")]
+    summary = rows["sasrec"]["summary"]["test_ndcg@10"]
+    assert summary["mean"] == pytest.approx(np.mean(ndcg)) and summary["std"] == pytest.approx(np.std(ndcg, ddof=1))
+    step1 = root / "quality" / "seed0" / "train_id"
+    assert (root / "quality" / "seed0" / "wo_concl" / "train_id").resolve() == step1.resolve()
+    step2 = json.loads((root / "quality" / "seed0" / "wo_concl" / "sicsrec" / "manifest.json").read_text())
+    assert step2["config"]["alpha"] == 0.0
+    with pytest.raises(SystemExit):  # no finished upstream stages there
+        quality.main(["--config", str(config), "--skip-upstream", "--run-dir", str(tmp_path / "empty")])

@@ -13,7 +13,9 @@ Deviations, chosen on purpose: the content positions are a learnable table share
 image (eq. 6-7) initialised from the ID encoder's, because the ID copy is frozen in step 2;
 positions are added after the eq. 10 normalisation so they are not rescaled with the content.
 Items without an image use their text alone (their image row is masked, not a zero vector
-passed through the adapter's bias).
+passed through the adapter's bias). `aggregate_init="identity"` starts the aggregation at
+h_a = h_e (the h_c / h_m blocks zero), so with LoRA's B = 0 step 2 starts exactly at the step-1
+model, as eq. 20's initialisation intends for the encoder; "random" is the paper's plain Linear.
 """
 from __future__ import annotations
 
@@ -63,7 +65,8 @@ class CrossAttentionBlock(TransformerBlock):
 class SICSRec(nn.Module):
     def __init__(self, id_encoder: SASRec, text_table: torch.Tensor | None, image_table: torch.Tensor | None,
                  has_image: torch.Tensor | None = None, content_layers: int = 2, decoder_layers: int = 1,
-                 heads: int = 2, dropout: float = 0.5, variant: SICSRecVariant | None = None):
+                 heads: int = 2, dropout: float = 0.5, variant: SICSRecVariant | None = None,
+                 aggregate_init: str = "random"):
         super().__init__()
         self.variant = v = variant or SICSRecVariant()
         if not (v.use_imse or v.use_cmse):
@@ -99,6 +102,19 @@ class SICSRec(nn.Module):
         self.mmsd = blocks(decoder_layers, CrossAttentionBlock) if v.use_mmsd else None
         parts = int(v.use_imse) + int(v.use_cmse) + int(v.use_mmsd)
         self.aggregate = nn.Linear(parts * hidden, hidden)
+        if aggregate_init == "identity" and v.use_imse:
+            with torch.no_grad():  # h_e comes first in the concatenation
+                self.aggregate.weight.zero_()
+                self.aggregate.weight[:, :hidden].copy_(torch.eye(hidden))
+                self.aggregate.bias.zero_()
+        elif aggregate_init not in ("random", "identity"):
+            raise ValueError(f"aggregate_init must be random or identity, got {aggregate_init!r}")
+
+    def content_modules(self) -> list[nn.Module]:
+        """The content-modality parts (adapters, positions, CMSE): what "Fixed ConEnc" pre-trains
+        and then freezes (Table 9)."""
+        parts = [self.text_adapter, self.image_adapter, self.content_pos, self.content_norm, self.cmse]
+        return [m for m in parts if m is not None]
 
     # -- content ------------------------------------------------------------------------------
     def content_embedding(self, items: torch.Tensor) -> list[torch.Tensor]:

@@ -1,0 +1,81 @@
+"""SASRec-Content and SASRec-Hybrid, the content baselines of the TSSR paper (Table 1, §4.1).
+
+Both are SASRec (same blocks, positions, masking as sicsrec.models.sasrec) whose item
+representation is built from the cached content embeddings (`<run_dir>/embeddings`, frozen
+buffers) through a trainable MLP adapter to d:
+  content  e_i = adapter(text_i) + adapter(image_i)         ID-agnostic: no item-id embedding
+  hybrid   e_i = Linear(concat(E_id[i], adapter(content_i))) the ID embedding concatenated at input
+Items without an image use their text alone. Scores are h . e_i against the same item
+representations that form the input (tied, as in SASRec), computed for all items, padding -inf,
+identically at train and test time.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sicsrec.models.sasrec import SequentialRecommender, TransformerBlock, _init_weights, causal_padding_mask, item_positions
+from sicsrec.models.sicsrec import Adapter
+
+VARIANTS = ("content", "hybrid")
+
+
+class ContentSASRec(SequentialRecommender):
+    def __init__(self, variant: str, text_table: torch.Tensor | None, image_table: torch.Tensor | None,
+                 has_image: torch.Tensor | None = None, hidden: int = 64, layers: int = 2, heads: int = 2,
+                 dropout: float = 0.5, max_len: int = 50, ffn_dim: int = 0, activation: str = "relu"):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if text_table is None and image_table is None:
+            raise ValueError("SASRec-Content/Hybrid need a text or an image embedding table")
+        num_rows = (text_table if text_table is not None else image_table).shape[0]
+        self.variant, self.num_items, self.max_len = variant, num_rows - 1, max_len
+        for name, table in (("text_table", text_table), ("image_table", image_table)):
+            if table is not None and table.shape[0] != num_rows:
+                raise ValueError(f"{name} has {table.shape[0]} rows, expected {num_rows}")
+            self.register_buffer(name, None if table is None else table.float().clone())
+        mask = has_image if has_image is not None else torch.ones(num_rows, dtype=torch.bool)
+        self.register_buffer("has_image", mask.bool().clone())
+        # No dropout inside the adapters: the scoring table must be the same at train and test time
+        # (dropout acts on the sequence input, after the positions, as in SASRec).
+        self.text_adapter = Adapter(text_table.shape[1], hidden, 0.0) if text_table is not None else None
+        self.image_adapter = Adapter(image_table.shape[1], hidden, 0.0) if image_table is not None else None
+        self.item_emb = nn.Embedding(num_rows, hidden, padding_idx=0) if variant == "hybrid" else None
+        self.fuse = nn.Linear(2 * hidden, hidden) if variant == "hybrid" else None
+        self.pos_emb = nn.Embedding(max_len, hidden)
+        self.emb_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.emb_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(hidden, heads, ffn_dim or hidden, dropout, activation)
+                                    for _ in range(layers))
+        self.apply(_init_weights)
+
+    def item_representations(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        """e_i for `items` (any shape), or for every row 0..N when items is None."""
+        if items is None:
+            items = torch.arange(self.num_items + 1, device=self.pos_emb.weight.device)
+        content = 0
+        if self.text_adapter is not None:
+            content = content + self.text_adapter(self.text_table[items])
+        if self.image_adapter is not None:
+            content = content + self.image_adapter(self.image_table[items]) * self.has_image[items, None]
+        if self.variant == "content":
+            return content
+        return self.fuse(torch.cat([self.item_emb(items), content], dim=-1))
+
+    def hidden_states(self, items: torch.Tensor) -> torch.Tensor:
+        if items.shape[1] > self.max_len:
+            raise ValueError(f"sequence length {items.shape[1]} exceeds max_len {self.max_len}; truncate the history")
+        x = self.item_representations(items) + self.pos_emb(item_positions(items))
+        x = self.emb_drop(self.emb_norm(x))
+        mask = causal_padding_mask(items)
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        table = self.item_representations()
+        with torch.autocast(hidden.device.type, enabled=False):
+            scores = hidden.float() @ table.float().T
+        scores[..., 0] = float("-inf")
+        return scores

@@ -1,0 +1,67 @@
+"""Stage `train-content`: the SASRec-Content / SASRec-Hybrid baselines (TSSR paper) on the
+cached item embeddings, trained by the step-1 Trainer (full-softmax CE, early stopping on valid
+NDCG@10, checkpoints, resume, single / DDP / DeepSpeed). The transformer settings and the
+optimisation come from the `train_id` section, so the baselines match our SASRec row.
+
+Reads <run_dir>/{prepare, embeddings}; writes <run_dir>/sasrec_content or <run_dir>/sasrec_hybrid
+(best_model.pt, metrics.json, train_log.jsonl, checkpoint/, manifest.json).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from launcher import dist as distenv
+from launcher.config import Config
+from launcher.rundir import fingerprint, read_manifest, run_stage
+from shards.prepared import PreparedDataset
+from sicsrec.models.content_sasrec import VARIANTS, ContentSASRec
+from sicsrec.train import NextItemLoss, Trainer
+from sicsrec.train_sicsrec import load_embedding_cache
+
+
+class ContentTrainer(Trainer):
+    def __init__(self, variant: str, tables: dict, *args):
+        self.variant, self.tables = variant, tables
+        super().__init__(*args)
+
+    def build(self):
+        c, t = self.cfg, self.tables
+        model = ContentSASRec(self.variant, t.get("text"), t.get("image"), t.get("has_image"), c.hidden, c.layers,
+                              c.heads, c.dropout, c.max_len, c.ffn_dim, c.activation)
+        if model.num_items != self.dataset.num_items:
+            raise ValueError(f"the embedding cache has {model.num_items} items, the dataset {self.dataset.num_items}: "
+                             f"re-run `launcher encode`")
+        return model, NextItemLoss(model)
+
+
+def train_content(cfg: Config, variant: str = "content", force: bool = False, use_text: bool = True,
+                  use_image: bool = True, stop_after_epoch: int | None = None) -> dict:
+    """SASRec-Content (variant "content") or SASRec-Hybrid ("hybrid") -> <run_dir>/sasrec_<variant>."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    env = distenv.init(distenv.detect())
+    run = Path(cfg.run_dir)
+    inputs = {}
+    for stage in ("prepare", "embeddings"):
+        manifest = read_manifest(run / stage)
+        if manifest is None:
+            raise FileNotFoundError(f"stage '{stage}' has not run in {run}: run it before train-content")
+        inputs[stage] = manifest["fingerprint"]
+    tables = load_embedding_cache(run / "embeddings")
+    tables = {k: v for k, v in tables.items() if (k != "text" or use_text) and (k != "image" or use_image)}
+    if "text" not in tables and "image" not in tables:
+        raise ValueError("train-content needs text or image embeddings (use_text / use_image)")
+    dataset = PreparedDataset.load(run / "prepare")
+    section = dict(dataclasses.asdict(cfg.train_id), seed=cfg.seed, variant=variant,
+                   content=sorted(k for k in tables if k != "has_image"))
+    run_id = fingerprint(section, inputs)
+
+    def body(out: Path) -> dict:
+        trainer = ContentTrainer(variant, tables, cfg.train_id, dataset, out, cfg.seed, env, run_id)
+        trainer.resume(restart=force)
+        metrics = trainer.fit(stop_after_epoch)
+        metrics["model"] = f"sasrec_{variant}"
+        return {k: v for k, v in metrics.items() if k != "history"}
+
+    return run_stage(run / f"sasrec_{variant}", f"train_sasrec_{variant}", section, inputs, body, force, env.is_main)
