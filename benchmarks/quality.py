@@ -18,7 +18,9 @@ its ablations (Table 7), modality inputs (Table 8) and training strategies (Tabl
    valid, best/run epochs, seconds, overrides) under "rows" ("quick" with --quick, which runs in
    <run_dir>/quality-quick); a markdown table is printed. `--tag NAME` files the rows under
    "tuning"[NAME] instead (a settings search: give the settings with --set; the tagged rows share
-   the seed's step 1 unless the settings change train_id.*).
+   the seed's step 1 unless the settings change train_id.*). Invocations may run side by side on
+   different rows or seeds (each result is merged into the file under a lock), as long as no two
+   of them train the same seed's step 1 (the `sasrec` row) at once.
 
 A row is a name and a function (run_dir, seed, cfg) -> metrics dict with "test" and "valid":
 `ROWS["tssr"] = Row("TSSR", my_function)` adds one (cfg.run_dir == run_dir, cfg.seed == seed).
@@ -26,7 +28,9 @@ A row is a name and a function (run_dir, seed, cfg) -> metrics dict with "test" 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -237,12 +241,13 @@ def main(argv=None) -> int:
     if skipped:
         print(f"no images in {run}/embeddings: skipping {skipped}")
 
+    def section(results: dict) -> dict:
+        if args.tag:
+            return results.setdefault("tuning", {}).setdefault(args.tag, {"overrides": overrides, "rows": {}})["rows"]
+        return results.setdefault("quick" if args.quick else "rows", {})
+
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
-    results.update(dataset=dataset, config=args.config)
-    if args.tag:
-        target = results.setdefault("tuning", {}).setdefault(args.tag, {"overrides": overrides, "rows": {}})["rows"]
-    else:
-        target = results.setdefault("quick" if args.quick else "rows", {})
+    target = section(results)
     base = run_base(run, args.quick, args.tag, overrides)
     per_run = _known_seconds(results.get("rows", {})) | _known_seconds(target)
     print(f"{len(todo)} run(s); estimate {_estimate(todo, per_run) / 60:.0f} min on this machine "
@@ -257,13 +262,17 @@ def main(argv=None) -> int:
         t0 = time.time()
         print(f"[{done + 1}/{len(todo)}] {row} seed {seed} -> {row_dir}", flush=True)
         metrics = ROWS[row].run(row_dir, seed, dataclasses.replace(cfg, run_dir=str(row_dir), seed=seed))
-        entry = target.setdefault(row, {"label": ROWS[row].label, "seeds": {}})
-        entry["seeds"][str(seed)] = compact(metrics, time.time() - t0, overrides)
-        entry["summary"] = summarize(entry["seeds"])
-        results["machine"] = {"device": _device(), "platform": platform.platform(), "cpus": os.cpu_count()}
-        results["config_resolved"] = to_dict(cfg)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out_path, results)
+        result = compact(metrics, time.time() - t0, overrides)
+        with _locked(out_path):  # re-read: other invocations may be filling other rows or seeds
+            results = json.loads(out_path.read_text()) if out_path.exists() else {}
+            results.update(dataset=dataset, config=args.config)
+            target = section(results)
+            entry = target.setdefault(row, {"label": ROWS[row].label, "seeds": {}})
+            entry["seeds"][str(seed)] = result
+            entry["summary"] = summarize(entry["seeds"])
+            results["machine"] = {"device": _device(), "platform": platform.platform(), "cpus": os.cpu_count()}
+            results["config_resolved"] = to_dict(cfg)
+            write_json(out_path, results)
         left = todo[done + 1:]
         print(f"    test ndcg@10 {metrics['test']['ndcg@10']:.4f} (valid {metrics['valid']['ndcg@10']:.4f}), "
               f"{time.time() - t0:.0f} s; ~{_estimate(left, per_run | _known_seconds(target)) / 60:.0f} min left", flush=True)
@@ -283,6 +292,18 @@ def run_base(run: Path, quick: bool, tag: str, overrides: list[str]) -> Path:
     if tag and step1:
         base = base / ("step1-" + hashlib.sha1("\n".join(step1).encode()).hexdigest()[:8])
     return base
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on <path>.lock, so that concurrent invocations merge their rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _known_seconds(rows: dict) -> dict:
