@@ -126,6 +126,10 @@ def info_nce(query: Tensor, key: Tensor, temperature: float, *, query_ids: Tenso
     for name, ids in (("valid", valid), ("query_ids", query_ids), ("key_ids", key_ids)):
         if ids is not None and ids.shape != (n,):
             raise ValueError(f"{name} must have shape ({n},), got {tuple(ids.shape)}")
+    if not bool(valid.all()):  # dropped rows are neither queries nor negatives: leave them out of the n x N logits
+        query, key = query[valid], key[valid]
+        query_ids, key_ids = (None if ids is None else ids[valid.to(ids.device)] for ids in (query_ids, key_ids))
+        n, valid = int(valid.sum()), valid[valid]
     if normalize:
         query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
 
