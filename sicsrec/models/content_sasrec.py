@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sicsrec.models.sasrec import SequentialRecommender, TransformerBlock, _init_weights, causal_padding_mask, item_positions
+from sicsrec.models.sasrec import PositionalTransformer, _init_weights
 from sicsrec.models.sicsrec import Adapter
 
 VARIANTS = ("content", "hybrid")
 
 
-class ContentSASRec(SequentialRecommender):
+class ContentSASRec(PositionalTransformer):
     def __init__(self, variant: str, text_table: torch.Tensor | None, image_table: torch.Tensor | None,
                  has_image: torch.Tensor | None = None, hidden: int = 64, layers: int = 2, heads: int = 2,
                  dropout: float = 0.5, max_len: int = 50, ffn_dim: int = 0, activation: str = "relu"):
@@ -30,7 +30,7 @@ class ContentSASRec(SequentialRecommender):
         if text_table is None and image_table is None:
             raise ValueError("SASRec-Content/Hybrid need a text or an image embedding table")
         num_rows = (text_table if text_table is not None else image_table).shape[0]
-        self.variant, self.num_items, self.max_len = variant, num_rows - 1, max_len
+        self.variant, self.num_items = variant, num_rows - 1
         for name, table in (("text_table", text_table), ("image_table", image_table)):
             if table is not None and table.shape[0] != num_rows:
                 raise ValueError(f"{name} has {table.shape[0]} rows, expected {num_rows}")
@@ -43,11 +43,7 @@ class ContentSASRec(SequentialRecommender):
         self.image_adapter = Adapter(image_table.shape[1], hidden, 0.0) if image_table is not None else None
         self.item_emb = nn.Embedding(num_rows, hidden, padding_idx=0) if variant == "hybrid" else None
         self.fuse = nn.Linear(2 * hidden, hidden) if variant == "hybrid" else None
-        self.pos_emb = nn.Embedding(max_len, hidden)
-        self.emb_norm = nn.LayerNorm(hidden, eps=1e-12)
-        self.emb_drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(hidden, heads, ffn_dim or hidden, dropout, activation)
-                                    for _ in range(layers))
+        self.build_encoder(hidden, layers, heads, dropout, max_len, ffn_dim, activation)
         self.apply(_init_weights)
 
     def item_representations(self, items: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,15 +59,8 @@ class ContentSASRec(SequentialRecommender):
             return content
         return self.fuse(torch.cat([self.item_emb(items), content], dim=-1))
 
-    def hidden_states(self, items: torch.Tensor) -> torch.Tensor:
-        if items.shape[1] > self.max_len:
-            raise ValueError(f"sequence length {items.shape[1]} exceeds max_len {self.max_len}; truncate the history")
-        x = self.item_representations(items) + self.pos_emb(item_positions(items))
-        x = self.emb_drop(self.emb_norm(x))
-        mask = causal_padding_mask(items)
-        for block in self.blocks:
-            x = block(x, mask)
-        return x
+    def input_embeddings(self, items: torch.Tensor) -> torch.Tensor:
+        return self.item_representations(items)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         table = self.item_representations()

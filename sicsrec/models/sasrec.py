@@ -119,28 +119,44 @@ class SequentialRecommender(nn.Module):
         return self.logits(self.sequence_repr(items))
 
 
-class SASRec(SequentialRecommender):
-    def __init__(self, num_items: int, hidden: int = 64, layers: int = 2, heads: int = 2, dropout: float = 0.5,
-                 max_len: int = 50, ffn_dim: int = 0, activation: str = "relu"):
-        super().__init__()
-        self.num_items, self.max_len = num_items, max_len
-        self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)
+class PositionalTransformer(SequentialRecommender):
+    """SASRec's sequence encoder over per-item input embeddings: learnable positions, LayerNorm,
+    dropout, causal transformer blocks. Subclasses give `input_embeddings` and call `build_encoder`."""
+
+    def build_encoder(self, hidden: int, layers: int, heads: int, dropout: float, max_len: int, ffn_dim: int,
+                      activation: str) -> None:
+        self.max_len = max_len
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.emb_norm = nn.LayerNorm(hidden, eps=1e-12)
         self.emb_drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(hidden, heads, ffn_dim or hidden, dropout, activation)
                                     for _ in range(layers))
-        self.apply(_init_weights)
+
+    def input_embeddings(self, items: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def hidden_states(self, items: torch.Tensor) -> torch.Tensor:
         length = items.shape[1]
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}; truncate the history")
-        x = self.emb_drop(self.emb_norm(self.item_emb(items) + self.pos_emb(item_positions(items))))
+        x = self.emb_drop(self.emb_norm(self.input_embeddings(items) + self.pos_emb(item_positions(items))))
         mask = causal_padding_mask(items)
         for block in self.blocks:
             x = block(x, mask)
         return x
+
+
+class SASRec(PositionalTransformer):
+    def __init__(self, num_items: int, hidden: int = 64, layers: int = 2, heads: int = 2, dropout: float = 0.5,
+                 max_len: int = 50, ffn_dim: int = 0, activation: str = "relu"):
+        super().__init__()
+        self.num_items = num_items
+        self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)
+        self.build_encoder(hidden, layers, heads, dropout, max_len, ffn_dim, activation)
+        self.apply(_init_weights)
+
+    def input_embeddings(self, items: torch.Tensor) -> torch.Tensor:
+        return self.item_emb(items)
 
 
 def _init_weights(module: nn.Module) -> None:
