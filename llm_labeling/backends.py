@@ -3,7 +3,8 @@
 - `deterministic`: no LLM; the candidate whose title is most TF-IDF-similar to the target's.
 - `transformers`: `generate` on a local causal LM folder (or a `.gguf` file), batched, left padded;
   CPU or GPU; optional constrained decoding to the allowed answers.
-- `vllm`: GPU only; imported only when chosen (never on CPU paths).
+- `vllm`: offline `LLM.generate` on GPUs, all prompts of a call submitted at once; imported only when
+  chosen (never on CPU paths).
 Model weights come only from a local path: nothing is downloaded.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,13 @@ class Engine:
     def generate(self, prompts: list[Prompt], seed: int = 0) -> list[Answer]:
         """One answer per prompt, in order. `seed` fixes sampling when the temperature is > 0."""
         raise NotImplementedError
+
+
+def answer_budget(prompt: Prompt, max_new_tokens: int) -> int:
+    """Tokens to allow for `prompt`'s answer: `max_new_tokens`, raised so no allowed answer is cut short.
+    The bound is the answer's UTF-8 length + 1 (eos), not its canonical token count: every token spells at
+    least one byte, and constrained sampling may spell an answer in more tokens than the tokenizer would."""
+    return max(max_new_tokens, max(len(a.encode()) for a in allowed_answers(prompt)) + 1)
 
 
 # ---------------------------------------------------------------- deterministic
@@ -145,8 +154,9 @@ class TransformersEngine(Engine):
             kwargs.update(do_sample=False)
         if self.guided:
             tries = [self._answer_trie(p) for p in prompts]
-            longest = max(len(prefix) for trie in tries for prefix in trie) + 1
-            kwargs["max_new_tokens"] = max(self.max_new_tokens, longest)  # never cut an allowed answer short
+            # Guided only: a guided row stops at its answer's eos, so a larger budget changes no answer, while
+            # an unguided row would write on to the budget of the longest prompt of its batch.
+            kwargs["max_new_tokens"] = max(answer_budget(p, self.max_new_tokens) for p in prompts)
 
             def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
                 # Rows that have finished (eos, then padding) fall outside the trie: keep them on eos.
@@ -171,9 +181,22 @@ class TransformersEngine(Engine):
         return answers
 
 
-# ---------------------------------------------------------------- vllm (GPU only; untested on CPU CI)
+# ---------------------------------------------------------------- vllm (GPU only; CPU tests use a fake vllm)
+
+def chat_token_ids(tokenizer, text: str) -> list[int]:
+    """The prompt as token ids, by the transformers path's rule: a chat template tokenised as rendered (it
+    writes its own special tokens, BOS included), else the plain text with the tokenizer's special tokens."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                            add_generation_prompt=True)
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)  # transformers 5 returns a dict
+    return list(tokenizer(text)["input_ids"])
+
 
 class VllmEngine(Engine):
+    """vLLM's offline engine on the GPUs of one actor. Each `generate` call goes to vLLM as one request list,
+    which its continuous batching schedules: hand it a whole shard per call."""
+
     def __init__(self, model_path: str, tensor_parallel_size: int = 1, max_new_tokens: int = 16,
                  temperature: float = 0.0, guided: bool = True):
         from vllm import LLM  # optional GPU extra: imported only here
@@ -185,26 +208,30 @@ class VllmEngine(Engine):
         executor = {"distributed_executor_backend": "mp"} if tensor_parallel_size > 1 else {}
         tokenizer = {"tokenizer": str(folder)} if extra and (folder / "tokenizer.json").exists() else {}
         self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, **executor, **tokenizer)
+        self.tokenizer = self.llm.get_tokenizer()
         self.max_new_tokens, self.temperature, self.guided = max_new_tokens, temperature, guided
 
     def _sampling(self, prompt: Prompt, seed: int):
         from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams  # vLLM >= 0.12 (guided_* was removed)
 
-        kwargs = {"temperature": self.temperature, "max_tokens": self.max_new_tokens, "seed": seed + prompt.user}
-        if self.guided:
-            choices = allowed_answers(prompt)
-            try:  # vLLM >= 0.12
-                from vllm.sampling_params import StructuredOutputsParams
-                kwargs["structured_outputs"] = StructuredOutputsParams(choice=choices)
-            except ImportError:  # older vLLM
-                from vllm.sampling_params import GuidedDecodingParams
-                kwargs["guided_decoding"] = GuidedDecodingParams(choice=choices)
-        return SamplingParams(**kwargs)
+        structured = {"structured_outputs": StructuredOutputsParams(choice=allowed_answers(prompt))} \
+            if self.guided else {}
+        # The budget is per request, so it is raised guided or not without making answers depend on batching.
+        return SamplingParams(temperature=self.temperature, max_tokens=answer_budget(prompt, self.max_new_tokens),
+                              seed=seed, **structured)
 
     def generate(self, prompts: list[Prompt], seed: int = 0) -> list[Answer]:
-        tokenizer = self.llm.get_tokenizer()
-        texts = [render_chat(tokenizer, p.text) for p in prompts]
-        outputs = self.llm.generate(texts, [self._sampling(p, seed) for p in prompts], use_tqdm=False)
+        if not prompts:
+            return []
+        # Token-id prompts rather than `LLM.chat`: the same template rule as the transformers path (a model
+        # without a chat template still gets plain text), and nothing is tokenised twice; rendered template
+        # text handed to `generate` was tokenised with special tokens again (a doubled BOS).
+        requests = [{"prompt_token_ids": chat_token_ids(self.tokenizer, p.text)} for p in prompts]
+        # Prompt i gets seed + i. run.label_prompts passes seed + (offset of the batch in its shard), so a
+        # prompt's seed is its shard's seed plus its position in the shard, however the shard is batched.
+        params = [self._sampling(p, seed + i) for i, p in enumerate(prompts)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [Answer(o.outputs[0].text.strip(), len(o.outputs[0].token_ids)) for o in outputs]
 
 
