@@ -38,6 +38,9 @@ class DataConfig:
     source: str = ""  # folder for canonical/ninerec (e.g. ../shared/data/ninerec/Bili_Food); posters folder for ml100k
     kcore: int = 5
     title_field: str = "english"  # ninerec only: english | chinese
+    # How `prepare` checks image files (shards.images.check_image): header (cheap, default) |
+    # full (decode every pixel) | none. An unreadable image is counted and its item has no image.
+    validate_images: str = "header"
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 

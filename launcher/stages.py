@@ -66,12 +66,13 @@ def prepare(cfg: Config, force: bool = False) -> dict:
     section = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "synth"}
 
     def body(out: Path) -> dict:
-        ds = prepare_dataset(read_canonical(source), cfg.data.kcore)
+        ds = prepare_dataset(read_canonical(source, cfg.data.validate_images), cfg.data.kcore)
         ds.save(out)
         return ds.stats
 
     manifest = run_stage(_stage_dir(cfg, "prepare"), "prepare", section, inputs, body, force)
-    print(f"\nDataset statistics ({cfg.run_dir}/prepare/stats.json)\n" + stats_table(manifest["metrics"]))
+    print(f"\nDataset statistics ({cfg.run_dir}/prepare/stats.json; % of each section's total)\n"
+          + stats_table(manifest["metrics"]))
     return manifest
 
 

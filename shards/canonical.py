@@ -4,17 +4,27 @@
   images/            one image per item (JPEG or PNG); an item may lack one
   interactions.csv   header user_id,item_id,timestamp (int seconds or ISO 8601)
 
-Unrecoverable problems raise DatasetError naming the file and line; recoverable ones (an item
-without an image, an empty title) are counted in `warnings` and reported in the stats.
+Both files are UTF-8 (a leading BOM is accepted). Unrecoverable problems raise DatasetError
+naming the file and line; recoverable ones (an empty title, an item without a usable image) are
+counted in `warnings` and reported in the stats. Image files are checked when read
+(`validate_images`, see shards.images.check_image): an item whose image file is missing or
+unreadable is kept, counted (`images_missing`, `images_unreadable`) and treated as having no
+image by every later stage (its `image` is None).
 """
 from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from shards.images import IMAGE_CHECKS, check_image
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -43,6 +53,7 @@ class CanonicalDataset:
     items: dict[str, RawItem]
     interactions: list[Interaction]
     warnings: Counter = field(default_factory=Counter)
+    image_check: str = "header"  # how image files were validated (shards.images.IMAGE_CHECKS)
 
 
 def parse_timestamp(raw: str) -> float:
@@ -57,12 +68,42 @@ def parse_timestamp(raw: str) -> float:
         raise ValueError(f"timestamp {raw!r} is neither integer seconds nor ISO 8601") from None
 
 
-def read_items(path: Path, warnings: Counter) -> dict[str, RawItem]:
+def utf8_lines(path: Path, f: BinaryIO) -> Iterator[str]:
+    """The lines of a file opened in binary mode, decoded as UTF-8 (a BOM on line 1 is dropped);
+    a byte that is not UTF-8 is a DatasetError naming the line."""
+    for line_no, raw in enumerate(f, 1):
+        try:
+            yield raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DatasetError(path, line_no, f"not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+
+
+def _image_path(path: Path, line_no: int, item_id: str, image, warnings: Counter, validate: str) -> str | None:
+    """The image's absolute path, or None (counted) when there is none, or it is missing or unreadable."""
+    if image is not None and not isinstance(image, str):
+        raise DatasetError(path, line_no, f"'image' must be a path string or null, got {image!r}")
+    if image:
+        image_path = path.parent / image
+        if not image_path.is_file():
+            warnings["images_missing"] += 1
+            log.warning("%s:%d: item %r: image %s not found; treated as having no image", path, line_no, item_id,
+                        image_path)
+        elif reason := check_image(image_path, validate):
+            warnings["images_unreadable"] += 1
+            log.warning("%s:%d: item %r: image %s unreadable (%s); treated as having no image", path, line_no,
+                        item_id, image_path, reason)
+        else:
+            return str(image_path.resolve())
+    warnings["items_without_image"] += 1
+    return None
+
+
+def read_items(path: Path, warnings: Counter, validate_images: str = "header") -> dict[str, RawItem]:
     if not path.exists():
         raise DatasetError(path, None, "missing items file")
     items: dict[str, RawItem] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(utf8_lines(path, f), 1):
             if not line.strip():
                 continue
             try:
@@ -77,51 +118,63 @@ def read_items(path: Path, warnings: Counter) -> dict[str, RawItem]:
             title = str(rec.get("title") or "").strip()
             if not title:
                 warnings["items_without_title"] += 1
-            image = rec.get("image")
-            image_path = (path.parent / image) if image else None
-            if image_path is None or not image_path.is_file():
-                warnings["items_without_image"] += 1
-                image_path = None
-            items[item_id] = RawItem(item_id, title, str(image_path.resolve()) if image_path else None)
+            image = _image_path(path, line_no, item_id, rec.get("image"), warnings, validate_images)
+            items[item_id] = RawItem(item_id, title, image)
     if not items:
         raise DatasetError(path, None, "no items")
     return items
+
+
+COLUMNS = ("user_id", "item_id", "timestamp")
 
 
 def read_interactions(path: Path, items: dict[str, RawItem]) -> list[Interaction]:
     if not path.exists():
         raise DatasetError(path, None, "missing interactions file")
     out = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"user_id", "item_id", "timestamp"} - set(reader.fieldnames or [])
-        if missing:
-            raise DatasetError(path, 1, f"missing column(s) {sorted(missing)}; header must be user_id,item_id,timestamp")
-        for row in reader:
-            line_no = reader.line_num
-            item_id = row["item_id"]
-            if item_id not in items:
-                raise DatasetError(path, line_no, f"unknown item_id {item_id!r} (not in items.jsonl)")
-            if not row["user_id"]:
-                raise DatasetError(path, line_no, "empty user_id")
-            try:
-                ts = parse_timestamp(row["timestamp"] or "")
-            except ValueError as e:
-                raise DatasetError(path, line_no, str(e)) from None
-            out.append(Interaction(row["user_id"], item_id, ts, len(out)))
+    with open(path, "rb") as f:
+        reader = csv.reader(utf8_lines(path, f))
+        try:
+            header = next(reader, [])
+            missing = set(COLUMNS) - set(header)
+            if missing:
+                raise DatasetError(path, 1, f"missing column(s) {sorted(missing)}; header must be {','.join(COLUMNS)}")
+            columns = [header.index(c) for c in COLUMNS]
+            for row in reader:
+                if not row:
+                    continue
+                line_no = reader.line_num
+                if len(row) != len(header):
+                    raise DatasetError(path, line_no, f"{len(row)} fields, but the header has {len(header)} "
+                                                      f"({','.join(header)})")
+                user_id, item_id, timestamp = (row[i] for i in columns)
+                if item_id not in items:
+                    raise DatasetError(path, line_no, f"unknown item_id {item_id!r} (not in items.jsonl)")
+                if not user_id:
+                    raise DatasetError(path, line_no, "empty user_id")
+                try:
+                    ts = parse_timestamp(timestamp)
+                except ValueError as e:
+                    raise DatasetError(path, line_no, str(e)) from None
+                out.append(Interaction(user_id, item_id, ts, len(out)))
+        except csv.Error as e:
+            raise DatasetError(path, reader.line_num, f"malformed CSV ({e})") from None
     if not out:
         raise DatasetError(path, None, "no interactions")
     return out
 
 
-def read_canonical(root: str | Path) -> CanonicalDataset:
+def read_canonical(root: str | Path, validate_images: str = "header") -> CanonicalDataset:
+    """`validate_images` (header | full | none) is how image files are checked; see shards.images."""
     root = Path(root)
+    if validate_images not in IMAGE_CHECKS:
+        raise ValueError(f"data.validate_images must be one of {', '.join(IMAGE_CHECKS)}, got {validate_images!r}")
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
     warnings: Counter = Counter()
-    items = read_items(root / "items.jsonl", warnings)
+    items = read_items(root / "items.jsonl", warnings, validate_images)
     interactions = read_interactions(root / "interactions.csv", items)
-    return CanonicalDataset(items, interactions, warnings)
+    return CanonicalDataset(items, interactions, warnings, validate_images)
 
 
 def write_canonical(root: str | Path, items: list[dict], interactions: list[tuple]) -> None:

@@ -29,6 +29,8 @@ def prepare(data: CanonicalDataset, k: int = 5) -> PreparedDataset:
     if k < 1:
         raise ValueError(f"kcore must be >= 1, got {k}")
     stats = Counter(data.warnings)
+    for key in RAW_ITEM_COUNTS:
+        stats[key] += 0  # listed in stats.json even when zero
     raw_count = len(data.interactions)
     kept = kcore(data.interactions, k)
     stats["interactions_dropped_by_kcore"] = raw_count - len(kept)
@@ -58,30 +60,65 @@ def prepare(data: CanonicalDataset, k: int = 5) -> PreparedDataset:
         users.append(UserSequence(u, user_id, ids[:-2], ids[-2], ids[-1]))
 
     n_inter = sum(len(s) for _, s in sequences)
-    stats.update({
+    stats = {
+        **stats,
         "users": len(users),
         "items": len(items),
         "interactions": n_inter,
         "sparsity": round(1 - n_inter / (len(users) * len(items)), 6),
         "avg_sequence_length": round(n_inter / len(users), 3),
-        "items_with_image": sum(1 for i in items if i.image),
+        "items_with_image": sum(1 for i in items if i.image),  # readable images only
         "kcore": k,
+        "image_check": data.image_check,
         "raw_interactions": raw_count,
         "raw_items": len(data.items),
         "items_unused": len(data.items) - len(items),
-    })
-    return PreparedDataset(items, users, dict(stats))
+    }
+    return PreparedDataset(items, users, stats)
 
 
-STATS_ROWS = [("users", "#Users"), ("items", "#Items"), ("interactions", "#Interactions"),
-              ("sparsity", "Sparsity"), ("avg_sequence_length", "Avg. length"),
-              ("items_with_image", "Items with image"), ("items_without_title", "Items without title"),
-              ("interactions_dropped_by_kcore", "Dropped by k-core"),
-              ("users_dropped_too_short", "Users dropped (<3 items)")]
+# Counted over all raw items (data.warnings), before any filtering.
+RAW_ITEM_COUNTS = ("items_without_title", "items_without_image", "images_missing", "images_unreadable")
+
+
+def _fmt(v) -> str:
+    return f"{v:,}" if isinstance(v, int) else str(v)
 
 
 def stats_table(stats: dict) -> str:
-    rows = [(label, stats.get(key, 0)) for key, label in STATS_ROWS]
-    rows = [(label, f"{v:.4%}" if label == "Sparsity" else f"{v:,}" if isinstance(v, int) else str(v)) for label, v in rows]
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{label:<{width}}  {value:>12}" for label, value in rows)
+    """stats.json as text. Each section has one denominator, named in its title; a count that is
+    a share of it is printed with its percentage."""
+    g = lambda key: stats.get(key, 0)  # noqa: E731
+    k, users_after_kcore = g("kcore"), g("users") + g("users_dropped_too_short")
+    sections = [
+        (f"Raw input: {_fmt(g('raw_items'))} items (items.jsonl)", g("raw_items"), [
+            ("without title", g("items_without_title"), True),
+            ("without usable image", g("items_without_image"), True),
+            ("  image file missing", g("images_missing"), True),
+            (f"  image unreadable ({stats.get('image_check', 'no')} check)", g("images_unreadable"), True),
+            ("in no prepared sequence", g("items_unused"), True),
+        ]),
+        (f"Raw input: {_fmt(g('raw_interactions'))} interactions (interactions.csv)", g("raw_interactions"), [
+            (f"dropped by {k}-core", g("interactions_dropped_by_kcore"), True),
+            ("dropped with their user (< 3 left)", g("interactions_dropped_too_short"), True),
+        ]),
+        (f"After {k}-core: {_fmt(users_after_kcore)} users", users_after_kcore, [
+            ("dropped (< 3 interactions)", g("users_dropped_too_short"), True),
+        ]),
+        (f"Prepared dataset: {_fmt(g('items'))} items", g("items"), [
+            ("#Users", g("users"), False),
+            ("#Items", g("items"), False),
+            ("#Interactions", g("interactions"), False),
+            ("Sparsity", f"{g('sparsity'):.4%}", False),
+            ("Avg. length", g("avg_sequence_length"), False),
+            ("Items with image", g("items_with_image"), True),
+        ]),
+    ]
+    width = max(len(label) for _, _, rows in sections for label, _, _ in rows)
+    lines = []
+    for title, total, rows in sections:
+        lines.append(title)
+        for label, value, is_share in rows:
+            pct = f"  {value / total:8.2%}" if is_share and total else ""
+            lines.append(f"  {label:<{width}}  {_fmt(value):>12}{pct}")
+    return "\n".join(lines)

@@ -2,8 +2,12 @@
 
 Layout of `<run_dir>/prepare/`:
   items.jsonl      {"item": dense id 1..N, "item_id": str, "title": str, "image": abs path | null}
+                   (null also when the raw image file was missing or unreadable: such items are
+                   text-only in every later stage)
   sequences.jsonl  {"user": dense id 1..U, "user_id": str, "train": [ids], "valid": id, "test": id}
-  stats.json       dataset statistics (Table 3 of the paper) and counted warnings
+  stats.json       dataset statistics (Table 3 of the paper) and counted warnings: over all raw
+                   items items_without_title, items_without_image = no image given +
+                   images_missing + images_unreadable; over the prepared items items_with_image
 Dense id 0 is padding for items and users. The split is leave-one-out: the last interaction
 is the test target, the second-last the validation target, the rest is training history.
 """

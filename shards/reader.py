@@ -13,7 +13,6 @@ Bad images never crash a run: they are decoded to None and counted (`image_error
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -24,6 +23,8 @@ from typing import Callable, Iterator
 import torch
 import webdataset as wds
 from PIL import Image
+
+from shards.images import decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,11 @@ def shard_urls(shard_dir: str | Path, kind: str) -> list[str]:
 
 
 def decode_image(jpg: bytes, key: str) -> tuple[Image.Image | None, str | None]:
-    try:
-        with Image.open(io.BytesIO(jpg)) as img:
-            return img.convert("RGB"), None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        log.warning("shard sample %s: corrupt image skipped (%s: %s)", key, type(e).__name__, e)
-        return None, f"{type(e).__name__}: {e}"
+    """(RGB image, None), or (None, reason) logged under `key` (which item, which shard)."""
+    img, reason = decode_rgb(jpg)
+    if img is None:
+        log.warning("%s: image unreadable, decoded as None (%s)", key, reason)
+    return img, reason
 
 
 class DecodeItem:
@@ -75,7 +75,9 @@ class DecodeItem:
         if not self.decode_images:
             out["jpg"] = jpg
         elif jpg is not None:
-            out["image"], out["image_error"] = decode_image(jpg, sample["__key__"])
+            item_id = f" ({out['item_id']})" if "item_id" in out else ""
+            where = f"item {out['item']}{item_id}, sample {sample['__key__']} in {sample.get('__url__', '?')}"
+            out["image"], out["image_error"] = decode_image(jpg, where)
         return out
 
 

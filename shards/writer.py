@@ -1,7 +1,8 @@
 """`shard`: write the prepared dataset as WebDataset shards.
 
   items-XXXXX.tar  one sample per item: __key__ "i<dense id>", txt (title), json
-                   {"item", "item_id", "has_image"}, jpg (RGB JPEG; absent when the item has no image)
+                   {"item", "item_id", "has_image"}, jpg (RGB JPEG; absent when the item has no image
+                   or PIL cannot decode it: counted as index.json problems.unreadable_images)
   train-XXXXX.tar  one sample per user: __key__ "u<dense id>", json {"user", "items": train sequence}
   index.json       shard names and sample counts per kind (readers size epochs from it)
 Keys hold no dots (webdataset splits a file name at the first dot).
@@ -19,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from launcher.config import ShardConfig
+from shards.images import decode_rgb
 from shards.prepared import PreparedDataset
 
 log = logging.getLogger(__name__)
@@ -32,15 +34,13 @@ def user_key(user: int) -> str:
     return f"u{user:08d}"
 
 
-def encode_jpeg(path: str, max_side: int, quality: int) -> bytes:
-    """Sniff the real format (a PNG named .jpg, grayscale, palette...), convert to RGB JPEG."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if max_side and max(img.size) > max_side:
-            img.thumbnail((max_side, max_side))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=quality)
-        return buf.getvalue()
+def encode_jpeg(img: Image.Image, max_side: int, quality: int) -> bytes:
+    """An RGB image (from `decode_rgb`, which sniffs the real format) as JPEG bytes."""
+    if max_side and max(img.size) > max_side:
+        img.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def write_samples(pattern: str, samples, maxcount: int, maxsize: int, desc: str, total: int) -> dict:
@@ -65,12 +65,14 @@ def write_shards(ds: PreparedDataset, out: str | Path, cfg: ShardConfig) -> dict
             sample = {"__key__": item_key(it.item), "txt": it.title,
                       "json": {"item": it.item, "item_id": it.item_id, "has_image": False}}
             if it.image:
-                try:
-                    sample["jpg"] = encode_jpeg(it.image, cfg.image_size, cfg.jpeg_quality)
-                    sample["json"]["has_image"] = True
-                except (OSError, ValueError) as e:
+                img, reason = decode_rgb(it.image)
+                if img is None:
                     problems["unreadable_images"] += 1
-                    log.warning("item %s: image %s unreadable (%s); sharded without image", it.item_id, it.image, e)
+                    log.warning("item %s: image %s unreadable (%s); sharded without image", it.item_id, it.image,
+                                reason)
+                else:
+                    sample["jpg"] = encode_jpeg(img, cfg.image_size, cfg.jpeg_quality)
+                    sample["json"]["has_image"] = True
             yield sample
 
     def user_samples():
