@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,89 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), raw)
-    return _merge(Config(), tree, "")
+    cfg = _merge(Config(), tree, "")
+    validate(cfg)
+    return cfg
+
+
+@dataclass(frozen=True)
+class Range:
+    """An allowed numeric range; open ends are exclusive."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_open=True)
+FRACTION, PROBABILITY = Range(0, 1, high_open=True), Range(0, 1)
+# Ranges by key name, in every section that has the key; RANGES_BY_PATH takes precedence.
+RANGES = {
+    "seed": AT_LEAST_0, "kcore": AT_LEAST_1,
+    "hidden": AT_LEAST_1, "layers": AT_LEAST_1, "heads": AT_LEAST_1, "ffn_dim": AT_LEAST_0, "proj_dim": AT_LEAST_1,
+    "content_layers": AT_LEAST_1, "decoder_layers": AT_LEAST_1, "uni_layers": AT_LEAST_1, "multi_layers": AT_LEAST_1,
+    "lora_rank": AT_LEAST_1, "tiny_hidden": AT_LEAST_1, "tiny_layers": AT_LEAST_1, "tiny_heads": AT_LEAST_1,
+    "tiny_vocab_size": AT_LEAST_1, "text_max_len": AT_LEAST_1, "image_size": AT_LEAST_0,
+    "dropout": FRACTION, "max_len": AT_LEAST_1,
+    "lr": POSITIVE, "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0,
+    "batch_size": AT_LEAST_1, "eval_batch_size": AT_LEAST_1, "micro_batch": AT_LEAST_1,
+    "encode_batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "epochs": AT_LEAST_1, "patience": AT_LEAST_1,
+    "steps_per_epoch": AT_LEAST_0, "num_workers": AT_LEAST_0, "zero_stage": Range(-1, 3),
+    "temperature": POSITIVE, "temperature_u": POSITIVE, "temperature_i": POSITIVE,
+    "alpha": AT_LEAST_0, "reg": AT_LEAST_0, "lambda_u": AT_LEAST_0, "lambda_i": AT_LEAST_0, "lambda_ce": AT_LEAST_0,
+    "holdout_fraction": FRACTION, "pairs_per_shard": AT_LEAST_1,
+    "items_per_shard": AT_LEAST_1, "users_per_shard": AT_LEAST_1, "max_shard_bytes": AT_LEAST_1,
+    "jpeg_quality": Range(1, 100),
+    "num_users": AT_LEAST_1, "num_items": AT_LEAST_1, "num_topics": AT_LEAST_1, "min_seq_len": Range(2),
+    "max_seq_len": Range(2), "topic_stickiness": PROBABILITY, "drift": PROBABILITY,
+    "max_candidates": AT_LEAST_1, "max_title_chars": AT_LEAST_1, "num_actors": AT_LEAST_1,
+    "max_new_tokens": AT_LEAST_1, "tensor_parallel_size": AT_LEAST_1, "max_restarts": AT_LEAST_0,
+}
+RANGES_BY_PATH = {
+    "label.temperature": AT_LEAST_0,  # LLM sampling: 0 = greedy
+    "data.synth.image_size": AT_LEAST_1,
+}
+# Global batches split over ranks: each rank needs at least one sequence.
+GLOBAL_BATCHES = ("train_id.batch_size", "sicsrec.train.batch_size", "tssr.train.batch_size")
+
+
+def _numeric_fields(section, where: str = ""):
+    for f in dataclasses.fields(section):
+        value, path = getattr(section, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            yield from _numeric_fields(value, path)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield path, f.name, value
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Range-check every numeric key before any work; the error names the key. world_size
+    (default: $WORLD_SIZE, else 1) bounds the global batch sizes from below."""
+    for path, name, value in _numeric_fields(cfg):
+        allowed = RANGES_BY_PATH.get(path, RANGES.get(name))
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{path}={value!r} is out of range: must be {allowed}")
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1") or 1)
+    for path in GLOBAL_BATCHES:
+        section = cfg
+        for key in path.split("."):
+            section = getattr(section, key)
+        if section < world_size:
+            raise ConfigError(f"{path}={section} is smaller than the world size {world_size}: every rank needs "
+                              f"at least one sequence per step")
+    if cfg.data.synth.max_seq_len < cfg.data.synth.min_seq_len:
+        raise ConfigError(f"data.synth.max_seq_len={cfg.data.synth.max_seq_len} is below "
+                          f"data.synth.min_seq_len={cfg.data.synth.min_seq_len}")
 
 
 def to_dict(cfg) -> dict:

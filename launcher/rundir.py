@@ -3,6 +3,11 @@
 Each stage writes `<run_dir>/<stage>/manifest.json` last: its config section, the git revision,
 its inputs' fingerprints, metrics and wall time. A stage whose manifest exists with the same
 fingerprint is skipped; `--force` redoes it.
+
+A finished stage is never lost to a failed re-run: when `<stage>/` holds a finished result, the
+re-run works in `.<stage>.next/` beside it (resumable there, like any run) and replaces
+`<stage>/` only when it succeeds; until then downstream stages keep reading the old result.
+A stage without a finished result runs in place.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -48,10 +54,13 @@ def fingerprint(config_section, input_fingerprints: dict) -> str:
 
 
 def write_json(path: Path, data) -> None:
-    """Write JSON atomically (temp file + rename): a reader never sees half a file."""
+    """Write JSON atomically (temp file, fsync, rename): a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -62,32 +71,88 @@ def stage_fingerprint(stage_dir: Path, files: list[str]) -> str:
     return manifest["fingerprint"] if manifest else hash_files([Path(stage_dir) / f for f in files])
 
 
+class ManifestError(ValueError):
+    """A manifest.json that exists but cannot be read (cut off, not JSON, not a manifest)."""
+
+
 def read_manifest(stage_dir: Path) -> dict | None:
+    """The stage's manifest, None when it has none; ManifestError (naming the file) when unreadable."""
     path = Path(stage_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path} is unreadable ({err}): re-run that stage (or use --force) to rewrite it") from None
+    if not isinstance(manifest, dict) or "fingerprint" not in manifest:
+        raise ManifestError(f"{path} is not a stage manifest (no fingerprint): re-run that stage (or use --force) "
+                            f"to rewrite it")
+    return manifest
+
+
+def _own_manifest(stage_dir: Path, name: str) -> dict | None:
+    """The stage's own manifest when readable; an unreadable one counts as no finished result."""
+    try:
+        return read_manifest(stage_dir)
+    except ManifestError as err:
+        log.warning("%s: %s; running the stage again", name, err)
+        return None
+
+
+def _staging(stage_dir: Path, kind: str) -> Path:
+    return stage_dir.with_name(f".{stage_dir.name}.{kind}")
+
+
+def _finish_swap(stage_dir: Path) -> None:
+    """Complete (or undo) a replacement of stage_dir that a kill interrupted between its renames."""
+    old, new = _staging(stage_dir, "old"), _staging(stage_dir, "next")
+    if old.exists() and not stage_dir.exists():
+        os.replace(new if (new / MANIFEST).exists() else old, stage_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _replace_dir(stage_dir: Path, new: Path) -> None:
+    old = _staging(stage_dir, "old")
+    os.replace(stage_dir, old)
+    os.replace(new, stage_dir)
+    shutil.rmtree(old)
 
 
 def run_stage(stage_dir: str | Path, name: str, config_section, inputs: dict,
               body: Callable[[Path], dict], force: bool = False, is_main: bool = True) -> dict:
-    """Run `body(stage_dir) -> metrics` unless a matching manifest says it is done.
+    """Run `body(work_dir) -> metrics` unless a matching manifest says it is done.
 
     `inputs` maps an input name to its fingerprint (usually an upstream manifest's).
-    Returns the manifest (existing or new). Only the main rank writes the manifest.
+    Returns the manifest (existing or new). Only the main rank writes the manifest and moves
+    folders. work_dir is stage_dir itself, or `.<stage>.next/` while stage_dir holds a finished
+    result (see the module docstring).
     """
     from launcher.dist import barrier
 
-    barrier()  # every rank sees the upstream manifests rank 0 has finished writing
     stage_dir = Path(stage_dir)
+    if is_main:
+        _finish_swap(stage_dir)
+    barrier()  # every rank sees the upstream manifests rank 0 has finished writing
     fp = fingerprint(config_section, inputs)
-    old = read_manifest(stage_dir)
+    old = _own_manifest(stage_dir, name)
     if old and old.get("fingerprint") == fp and not force:
         log.info("%s: done already (%s), skipping; --force redoes it", name, stage_dir / MANIFEST)
         return old
-    if old and is_main:
-        (stage_dir / MANIFEST).unlink()  # outputs are about to change: never leave a stale 'done'
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    work = _staging(stage_dir, "next") if old else stage_dir
+    attempt = work / ".attempt"
+    if is_main and work != stage_dir and work.exists() and (force or not attempt.exists()
+                                                            or attempt.read_text() != fp):
+        shutil.rmtree(work)  # another config's (or a forced run's) leftovers: nothing to resume
+    if is_main:
+        work.mkdir(parents=True, exist_ok=True)
+        if work != stage_dir:
+            attempt.write_text(fp)
+        elif (work / MANIFEST).exists():
+            (work / MANIFEST).unlink()  # unreadable: never leave it beside new outputs
+    barrier()
     start = time.time()
-    metrics = body(stage_dir) or {}
+    metrics = body(work) or {}
     manifest = {
         "stage": name,
         "fingerprint": fp,
@@ -98,7 +163,11 @@ def run_stage(stage_dir: str | Path, name: str, config_section, inputs: dict,
         "wall_time_s": round(time.time() - start, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    barrier()  # every rank's outputs are written
     if is_main:
-        write_json(stage_dir / MANIFEST, manifest)
+        write_json(work / MANIFEST, manifest)
+        if work != stage_dir:
+            attempt.unlink()
+            _replace_dir(stage_dir, work)
     barrier()
     return manifest

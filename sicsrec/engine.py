@@ -8,8 +8,11 @@
 
 Checkpoints hold the model, the optimizer, the caller's client state and every rank's RNG states
 (torch, CUDA, numpy, random), so a resumed run continues exactly where the saved one stopped.
-Single / DDP checkpoints are one file written atomically by rank 0; DeepSpeed uses its own
-`save_checkpoint` on every rank (tag "last").
+Single / DDP checkpoints are one file written atomically by rank 0 (temp file, fsync, rename);
+DeepSpeed uses its own `save_checkpoint` on every rank. Either way the previous checkpoint is
+kept (`state.prev.pt`; DeepSpeed alternates two tags, `latest` naming the newest): a resume that
+finds the newest unreadable (a kill during the write, a full disk) falls back to the previous one
+with a warning, and one that finds none readable says so, naming the file (--force restarts).
 
 DeepSpeed reads a JSON config (default `ds_config.json` at the repository root) whose "auto"
 values are filled here: micro batch, gradient accumulation, global batch, clipping and bf16.
@@ -20,6 +23,7 @@ Gradient accumulation > 1 is DeepSpeed's job; the single and DDP engines step ev
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -37,7 +41,8 @@ from launcher.dist import DistEnv, device as env_device
 KINDS = ("auto", "single", "ddp", "deepspeed")
 REPO = Path(__file__).resolve().parents[1]
 STATE_FILE = "state.pt"
-DS_TAG = "last"
+PREVIOUS_STATE_FILE = "state.prev.pt"
+DS_TAGS = ("slot0", "slot1")  # DeepSpeed checkpoint tags, used in turn
 log = logging.getLogger(__name__)
 
 
@@ -152,6 +157,11 @@ class Engine:
         return self.ds.zero_optimization_stage() if self.ds is not None else 0
 
     @property
+    def grad_accum(self) -> int:
+        """Micro batches per optimizer step (DeepSpeed's setting; 1 for single and DDP)."""
+        return self.ds.gradient_accumulation_steps() if self.ds is not None else 1
+
+    @property
     def native_bf16(self) -> bool:
         """DeepSpeed's own bf16 mode: the model's weights are bf16 (no autocast)."""
         return self.ds is not None and self.ds.bfloat16_enabled()
@@ -211,38 +221,83 @@ class Engine:
         # one key of our own: DeepSpeed adds its metadata keys to what load_checkpoint returns
         client_state = {"sicsrec": {"client": client_state, "rng": _all_ranks_rng()}}
         if self.ds is not None:
-            self.ds.save_checkpoint(str(ckpt_dir), tag=DS_TAG, client_state=client_state)
+            newest = _ds_latest(ckpt_dir)
+            tag = DS_TAGS[1] if newest == DS_TAGS[0] else DS_TAGS[0]  # never overwrite the newest
+            self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
             return
         if self.env.is_main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "client_state": client_state}
             tmp = ckpt_dir / (STATE_FILE + ".tmp")
-            torch.save(state, tmp)
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if (ckpt_dir / STATE_FILE).exists():
+                os.replace(ckpt_dir / STATE_FILE, ckpt_dir / PREVIOUS_STATE_FILE)
             os.replace(tmp, ckpt_dir / STATE_FILE)
         if dist.is_initialized():
             dist.barrier()
 
     def load(self, ckpt_dir: str | Path) -> dict | None:
-        """Restore a checkpoint written by `save` (same kind); returns its client state, or None
-        when there is none. Restores this rank's RNG states."""
+        """Restore the newest readable checkpoint written by `save` (same kind); returns its client
+        state, or None when there is none. Restores this rank's RNG states."""
         ckpt_dir = Path(ckpt_dir)
         if self.ds is not None:
-            if not (ckpt_dir / "latest").exists():
-                return None
-            path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=DS_TAG)
-            if path is None:
-                return None
+            newest = _ds_latest(ckpt_dir)
+            tags = [t for t in sorted(DS_TAGS, key=lambda t: t != newest) if (ckpt_dir / t).is_dir()]
+            candidates = [(ckpt_dir / t, functools.partial(self._load_ds, ckpt_dir, t)) for t in tags]
         else:
-            if not (ckpt_dir / STATE_FILE).exists():
-                return None
-            state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
-            self.module.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            client_state = state["client_state"]
-        ours = client_state["sicsrec"]
-        _restore_rng(ours["rng"], self.env.rank)
-        return ours["client"]
+            files = [ckpt_dir / f for f in (STATE_FILE, PREVIOUS_STATE_FILE) if (ckpt_dir / f).exists()]
+            candidates = [(f, functools.partial(self._load_file, f)) for f in files]
+        if not candidates:
+            return None
+        errors = []
+        for path, load in candidates:
+            try:
+                client_state = load()
+                ok = True
+            except Exception as err:  # noqa: BLE001 - any failure to read means: try the previous one
+                errors.append(f"{path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                ok = False
+            if _all_ranks_ok(ok, self.device):
+                if errors:
+                    log.warning("checkpoint unreadable (%s); resumed from the previous one, %s", errors[0], path)
+                ours = client_state["sicsrec"]
+                _restore_rng(ours["rng"], self.env.rank)
+                return ours["client"]
+        raise CheckpointError(f"no readable checkpoint in {ckpt_dir} ({'; '.join(errors) or 'unreadable on another rank'}): "
+                              f"delete {ckpt_dir} or re-run the stage with --force to start it over")
+
+    def _load_ds(self, ckpt_dir: Path, tag: str) -> dict:
+        path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint under tag {tag}")
+        return client_state
+
+    def _load_file(self, path: Path) -> dict:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["client_state"]
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of a run can be read."""
+
+
+def _ds_latest(ckpt_dir: Path) -> str | None:
+    latest = Path(ckpt_dir) / "latest"
+    return latest.read_text().strip() if latest.exists() else None
+
+
+def _all_ranks_ok(ok: bool, device: torch.device) -> bool:
+    """True when `ok` holds on every rank (so all ranks resume from the same checkpoint)."""
+    flag = torch.tensor([int(ok)], device=device if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, kind: str = "auto",

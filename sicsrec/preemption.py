@@ -6,8 +6,9 @@ workers) and sends SIGTERM on preemption or cancellation. While a trainer runs i
 `PreemptionGuard`:
 - the signal handler only records the signal, so a second signal (say, while the checkpoint is
   being written) changes nothing;
-- after every optimizer step every rank calls `should_stop()`, a MAX all-reduce of that flag:
-  all ranks stop after the same step even when only some of them were signalled;
+- after every optimizer step (never between the micro batches of one gradient accumulation)
+  every rank calls `should_stop()`, a MAX all-reduce of that flag: all ranks stop after the same
+  step even when only some of them were signalled;
 - the trainer then writes its checkpoint, including its position inside the epoch, and calls
   `exit_for_requeue`, which raises `Preempted`: a SystemExit with status REQUEUE_EXIT_CODE, so
   `python -m launcher <stage>` exits with 75. Re-running the same command resumes mid-epoch.
@@ -19,8 +20,9 @@ torchrun does not pass its workers' exit codes on (after forwarding a signal it 
 rank 0 also writes the file named by $SICSREC_REQUEUE_FILE, when set, before any rank exits;
 slurm/train.sbatch reads it to decide on `scontrol requeue`.
 
-Test hook: SICSREC_PREEMPT_AT_STEP=k makes a process send itself SIGUSR1 once global step k is
-done (a real signal through the real handler).
+Test hook: SICSREC_PREEMPT_AT_STEP=k makes a process send itself SIGUSR1 once global (micro)
+step k is done (a real signal through the real handler); trainers report every micro step with
+`micro_step_done`, so k may fall inside a gradient accumulation.
 """
 from __future__ import annotations
 
@@ -90,11 +92,17 @@ class PreemptionGuard:
         """This process's own flag (a Python call, so a pending handler has run by now)."""
         return self.received is not None
 
+    def micro_step_done(self, step: int) -> None:
+        """Drives the test hook only: `step` is the global (micro) step just done."""
+        if self._hook_step is not None and step == self._hook_step:
+            self._hook_step = None
+            os.kill(os.getpid(), signal.SIGUSR1)
+
     def should_stop(self, step: int | None = None) -> bool:
         """Collective: every rank calls it at the same point; True on all ranks when any rank got
         a signal. `step` (the global step just done) only drives the test hook."""
-        if self._hook_step is not None and step == self._hook_step:
-            os.kill(os.getpid(), signal.SIGUSR1)
+        if step is not None:
+            self.micro_step_done(step)
         flag = torch.tensor([1 if self.requested() else 0], device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -264,7 +264,9 @@ class SFTTrainer:
                 step_log.write({"epoch": epoch, "step": self.state["step"],
                                 **dict(zip(("loss", "t2t", "i2i", "t2i"), logged.tolist()))})
                 at_boundary = (n_batch + 1) % cfg.grad_accum == 0  # no half-accumulated gradients in a checkpoint
-                if guard is not None and at_boundary and guard.should_stop(self.state["step"]):
+                if guard is not None:
+                    guard.micro_step_done(self.state["step"])
+                if guard is not None and at_boundary and guard.should_stop():
                     bar.close()
                     self.state["position"] = {"epoch": epoch, "batches": n_batch + 1, "sums": sums.tolist(),
                                               "pairs": pairs, "seconds": seconds_before + time.time() - start}
