@@ -65,7 +65,10 @@ class ShardLabeler:
     def label(self, shard: int, prompts: list[Prompt]) -> tuple[int, list[dict], int, float]:
         start = time.perf_counter()
         # Seeded by shard, not by actor: an answer does not depend on which actor computed it.
-        records, tokens = label_prompts(self.engine, prompts, self.cfg.batch_size, self.seed + 1_000_003 * shard)
+        # vLLM batches continuously by itself: a whole shard per generate call keeps it busy
+        # (its per-prompt seeds make the answers independent of the batching).
+        batch_size = len(prompts) if self.cfg.backend in GPU_BACKENDS else self.cfg.batch_size
+        records, tokens = label_prompts(self.engine, prompts, batch_size, self.seed + 1_000_003 * shard)
         return shard, records, tokens, time.perf_counter() - start
 
 

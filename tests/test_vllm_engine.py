@@ -17,7 +17,7 @@ from llm_labeling.backends import DeterministicEngine, VllmEngine, answer_budget
 from llm_labeling.config import LabelConfig
 from llm_labeling.parse import allowed_answers
 from llm_labeling.prompt import render_chat
-from llm_labeling.run import ShardLabeler
+from llm_labeling.run import ShardLabeler, label_prompts
 from tests.test_labeling_backends import PROMPTS, TITLES, make_prompt
 
 # A template that writes BOS itself, as Llama's and many others do.
@@ -202,10 +202,11 @@ def test_shard_loop_records_match_the_deterministic_backend(fake_vllm, chat_mode
     expected = ShardLabeler(dataclasses.asdict(LabelConfig()), TITLES, seed=3).label(4, prompts)[1]
     assert {r["outcome"] for r in expected} == {"valid", "none"}
 
-    shard, records, tokens, _ = ShardLabeler(dataclasses.asdict(vllm_cfg(chat_model)), [], seed=3).label(4, prompts)
+    labeler = ShardLabeler(dataclasses.asdict(vllm_cfg(chat_model, batch_size=2)), [], seed=3)
+    shard, records, tokens, _ = labeler.label(4, prompts)
     assert (shard, records) == (4, expected)
     assert tokens == sum(len(tok(r["answer"], add_special_tokens=False)["input_ids"]) + 1 for r in records)
-    [call] = FakeLLM.instances[0].calls  # the whole shard in one generate call (batch_size >= shard)
+    [call] = FakeLLM.instances[0].calls  # the whole shard in one generate call, whatever label.batch_size says
     assert len(call["prompts"]) == len(prompts)
 
 
@@ -213,8 +214,8 @@ def test_seeds_do_not_depend_on_batching(fake_vllm, chat_model):
     prompts = PROMPTS * 2
     results = {}
     for batch_size in (len(prompts), 3):
-        labeler = ShardLabeler(dataclasses.asdict(vllm_cfg(chat_model, temperature=1.0, batch_size=batch_size)), [], 3)
-        records = labeler.label(2, prompts)[1]
+        labeler = ShardLabeler(dataclasses.asdict(vllm_cfg(chat_model, temperature=1.0)), [], 3)
+        records = label_prompts(labeler.engine, prompts, batch_size, 3 + 1_000_003 * 2)[0]
         calls = labeler.engine.llm.calls
         results[batch_size] = ([p.seed for c in calls for p in c["params"]], records)
         assert len(calls) == -(-len(prompts) // batch_size)
