@@ -88,26 +88,47 @@ def _step2_training() -> TrainConfig:
 @dataclass
 class SICSRecConfig:
     """Section `sicsrec`: step 2 (§3.5). The ID encoder is the step-1 model (section `train_id`);
-    `train` holds the optimisation settings (its model fields are not used here)."""
+    `train` holds the optimisation settings (its model fields are not used here).
+    Loss (eq. 19): L = L_CE + alpha L_ConCL + lambda ||Theta||^2, Theta = {E_id, E_text, E_image}
+    (those of them that train under `strategy`)."""
     content_layers: int = 2
     decoder_layers: int = 1
     heads: int = 2
     dropout: float = 0.5
-    lora_rank: int = 4
-    use_lora: bool = True
-    alpha: float = 0.1  # weight of ConCL (eq. 19); 0 = w/o ConCL
-    temperature: float = 0.05
-    reg: float = 0.01  # lambda: L2 penalty on the content adapters (the trainable E_text, E_image)
+    lora_rank: int = 4  # paper: r in {4, 8, 12, 16}; official code 4
+    use_lora: bool = True  # LoRA on the frozen ID encoder layers (fixed_id_enc, fixed_id_emb_enc) with IMSE
+    alpha: float = 0.1  # weight of ConCL (eq. 19); 0 = w/o ConCL. Paper: searched 0.1..1.0 step 0.1
+    # ConCL (eq. 18) similarity: cosine (h_a and e_c both unit-norm; the official code's) | inner
+    # (raw h_a . e_c, e_c being unit-norm already; the paper leaves sim() undefined). At tau 0.05
+    # raw inner products of unnormalised h_a explode: keep cosine unless tau is retuned.
+    concl_similarity: str = "cosine"
+    temperature: float = 0.05  # ConCL tau; paper and official code: 0.05
+    # lambda: weight of the L2 penalty sum ||p||^2 over the trainable members of Theta: E_id (the ID
+    # encoder's item table, when the strategy trains it) and the content adapters (the trainable
+    # stand-ins of E_text, E_image; the cached tables are frozen). Paper: lambda in {0.001, 0.0001};
+    # the official code: 0.01 on the unsquared Frobenius norm of each table. 0.01 here is this
+    # repository's earlier value, kept (not re-measured since E_id joined Theta).
+    reg: float = 0.01
+    reg_id_emb: bool = True  # E_id in Theta when it trains (eq. 19); false = adapters only (this
+    # repository's loss before the Table 9 strategies: reproduces earlier end_to_end/fixed_content runs)
     use_imse: bool = True
     use_cmse: bool = True
     use_mmsd: bool = True
     l2norm: bool = True
     use_text: bool = True
     use_image: bool = True
-    # Table 9 training strategies: fixed_id (ours: step-1 encoder frozen + LoRA) | end_to_end (the
-    # whole model from scratch, ID encoder included) | fixed_content (content parts pre-trained first
-    # with the ID encoder frozen at its random init, then frozen while the ID parts train)
-    strategy: str = "fixed_id"
+    # Table 9 training strategies (sicsrec.train_sicsrec.STRATEGIES; "Emb" = E_id or the content
+    # adapters, "Enc" = the sequence encoder on top of them):
+    #   fixed_id_enc (default; Table 9 "Fixed IDEnc" = Table 4's SICSRec): step-1 encoder layers
+    #     frozen + LoRA, E_id trains | fixed_id_emb: E_id frozen, step-1 encoder layers fine-tuned
+    #     (no LoRA) | fixed_id_emb_enc: both frozen + LoRA
+    #   fixed_content_enc | fixed_content_emb | fixed_content_emb_enc: two phases, the content parts
+    #     pre-trained first with the ID encoder frozen at a random init, then the named content
+    #     parts frozen while the ID encoder and the rest train
+    #   end_to_end: the whole model from scratch in one run
+    # Deprecated aliases, meaning what they meant before: fixed_id = fixed_id_emb_enc,
+    # fixed_content = fixed_content_emb_enc (with reg_id_emb=false for its exact earlier loss).
+    strategy: str = "fixed_id_enc"
     aggregate_init: str = "identity"  # identity: h_a = h_e at the start (step 2 starts at step 1) | random
     train: TrainConfig = field(default_factory=_step2_training)
 

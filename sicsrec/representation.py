@@ -9,8 +9,9 @@ On L2-normalised vectors:
   items = the item embedding table the model scores with.
 - train-sicsrec: the space ConCL shapes (eq. 18), where in-batch negatives act: pairs = (h_a of
   the test history, the target's unified content embedding); items = every item's unified content
-  embedding. The scoring space (h_a vs the ID table, which step 2 keeps frozen) is reported too,
-  as id_alignment / id_uniformity.
+  embedding. The scoring space (h_a vs the ID table E_id, which step 2 trains under the default
+  fixed_id_enc strategy and keeps frozen under fixed_id_emb*) is reported too, as
+  id_alignment / id_uniformity.
 - sft: pairs = the held-out labelled (target, similar) pairs' text embeddings (the t2t InfoNCE
   positives); items = every item's text embedding, from the tuned encoder.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -86,17 +86,18 @@ def _id_stage(run_dir: Path) -> dict:
 
 def load_sicsrec_model(run_dir: Path, cfg):
     """The best SICSRec model of a finished train-sicsrec stage in run_dir (eval mode), built the
-    way the trainer builds it (SICSRecTrainer.build) so LoRA and the strategy match."""
+    way the trainer builds it (train_sicsrec.build_step2_model) so LoRA and the strategy match
+    (a content strategy's final model is its phase 2's)."""
     from sicsrec.train import load_id_encoder
-    from sicsrec.train_sicsrec import SICSRecTrainer, load_embedding_cache
+    from sicsrec.train_sicsrec import STRATEGIES, build_step2_model, load_embedding_cache, resolve_strategy
 
     best = run_dir / "sicsrec" / "best_model.pt"
     if not best.exists():
         raise FileNotFoundError(f"{best} does not exist: train-sicsrec has not finished in {run_dir}")
     torch.manual_seed(cfg.seed)
-    builder = SimpleNamespace(step2=cfg.sicsrec, id_encoder=load_id_encoder(run_dir / "train_id"),
-                              tables=load_embedding_cache(run_dir / "embeddings"), init_state=None, phase="")
-    model, _ = SICSRecTrainer.build(builder)
+    phase = "id" if STRATEGIES[resolve_strategy(cfg.sicsrec.strategy)].content_pretrain else ""
+    model = build_step2_model(cfg.sicsrec, load_id_encoder(run_dir / "train_id"),
+                              load_embedding_cache(run_dir / "embeddings"), phase)
     model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
     return model.eval()
 

@@ -223,7 +223,13 @@ class Trainer:
         return {"loss": sums["loss_sum"] / max(sums["targets"], 1), "extra_loss": sums["extra_sum"] / max(len(batches), 1),
                 "seconds": seconds, "sequences": sums["sequences"], "targets": sums["targets"]}
 
+    # A subclass whose model starts trained (SICSRec step 2 at the step-1 function) sets this:
+    # fit then evaluates the start before epoch 0 (`evaluate_start`) and may select it as best.
+    starts_trained: bool = False
+
     def fit(self, stop_after_epoch: int | None = None) -> dict:
+        """Train until cfg.epochs or early stopping; returns the final metrics (best weights).
+        `stop_after_epoch` simulates a kill after that epoch (-1: after the start evaluation)."""
         env, cfg, state = self.env, self.cfg, self.state
         tb = None
         if env.is_main:
@@ -233,6 +239,12 @@ class Trainer:
             trim_log(self.out / "train_log.jsonl", state["step"])
         try:
             with PreemptionGuard(self.engine.device) as guard:
+                if self._start_due():
+                    self.evaluate_start(tb)
+                    if stop_after_epoch is not None and stop_after_epoch < 0:
+                        raise TrainingInterrupted("stopped after the start evaluation (checkpoint saved)")
+                    if guard.should_stop():  # signalled during the start evaluation: its checkpoint is saved
+                        exit_for_requeue(guard, self.out, 0, state["step"], 0, env.is_main)
                 for epoch in range(state["epoch"] + 1, cfg.epochs):
                     if state["stopped"]:
                         break
@@ -251,8 +263,28 @@ class Trainer:
                 tb.close()
         return self._final_metrics()
 
-    def _end_epoch(self, epoch: int, train: dict, valid: dict, tb) -> None:
+    def _start_due(self) -> bool:
+        """A fresh run of a trainer that starts trained, its start not yet evaluated (a resumed
+        run finds `start_evaluated` in its checkpoint and does not redo it)."""
         state = self.state
+        return (self.starts_trained and state["epoch"] < 0 and state["position"] is None
+                and not state.get("start_evaluated", False))
+
+    def evaluate_start(self, tb) -> None:
+        """Epoch -1: validation of the model as built, before any step. Recorded in the history
+        as {"epoch": -1, "start": True, ...} and selected like an epoch (best_model.pt, best_epoch
+        -1), so early stopping counts from it and the run never ends below its start on
+        validation. Checkpointed, so it happens once per run."""
+        eval_start = time.time()
+        valid = self.evaluate("valid")
+        self.state["start_evaluated"] = True
+        self._end_epoch(-1, {"eval_seconds": time.time() - eval_start}, valid, tb)
+
+    def _end_epoch(self, epoch: int, train: dict, valid: dict, tb) -> None:
+        """Select, record and checkpoint after an epoch; epoch -1 is the start (evaluate_start:
+        `train` holds only eval_seconds)."""
+        state = self.state
+        start = epoch < 0
         improved = valid[SELECT_METRIC] > state["best_metric"]
         if improved:
             state.update(best_metric=valid[SELECT_METRIC], best_epoch=epoch, bad_epochs=0)
@@ -260,20 +292,27 @@ class Trainer:
             if self.env.is_main:
                 torch.save(self.model_state(best), self.out / "best_model.pt.tmp")
                 os.replace(self.out / "best_model.pt.tmp", self.out / "best_model.pt")
-        else:
+        elif not start:
             state["bad_epochs"] += 1
         state["stopped"] = state["bad_epochs"] >= self.cfg.patience
         state["epoch"] = epoch
         state["position"] = None
-        state["history"].append({"epoch": epoch, "loss": train["loss"], "extra_loss": train["extra_loss"],
-                                 "seconds": train["seconds"],
-                                 "eval_seconds": train["eval_seconds"], "sequences": train["sequences"],
-                                 "targets": train["targets"], **{f"valid_{k}": v for k, v in valid.items()}})
+        if start:
+            record = {"epoch": epoch, "start": True, "eval_seconds": train["eval_seconds"]}
+        else:
+            record = {"epoch": epoch, "loss": train["loss"], "extra_loss": train["extra_loss"],
+                      "seconds": train["seconds"], "eval_seconds": train["eval_seconds"],
+                      "sequences": train["sequences"], "targets": train["targets"]}
+        state["history"].append(record | {f"valid_{k}": v for k, v in valid.items()})
         if self.env.is_main:
-            log.info("epoch %d: loss %.4f, valid %s %.4f (best %.4f at epoch %d), %.1f s", epoch, train["loss"],
-                     SELECT_METRIC, valid[SELECT_METRIC], state["best_metric"], state["best_epoch"], train["seconds"])
-            tb.add_scalar("train/epoch_loss", train["loss"], state["step"])
-            tb.add_scalar("train/sequences_per_s", train["sequences"] / train["seconds"], state["step"])
+            if start:
+                log.info("start: valid %s %.4f", SELECT_METRIC, valid[SELECT_METRIC])
+            else:
+                log.info("epoch %d: loss %.4f, valid %s %.4f (best %.4f at epoch %d), %.1f s", epoch, train["loss"],
+                         SELECT_METRIC, valid[SELECT_METRIC], state["best_metric"], state["best_epoch"],
+                         train["seconds"])
+                tb.add_scalar("train/epoch_loss", train["loss"], state["step"])
+                tb.add_scalar("train/sequences_per_s", train["sequences"] / train["seconds"], state["step"])
             for name, value in valid.items():
                 if name != "users":
                     tb.add_scalar(f"valid/{name}", value, state["step"])
@@ -295,18 +334,22 @@ class Trainer:
         valid = self.evaluate("valid")
         test = self.evaluate("test")
         history = state["history"]
-        train_seconds = sum(h["seconds"] for h in history)
+        epochs = [h for h in history if not h.get("start")]  # the start evaluation is no epoch
+        train_seconds = max(sum(h["seconds"] for h in epochs), 1e-9)
         metrics = {
             "model": cfg.model, "engine": self.engine.kind, "zero_stage": self.engine.zero_stage,
             "world_size": env.world_size,
-            "best_epoch": state["best_epoch"], "epochs_run": len(history), "early_stopped": state["stopped"],
+            "best_epoch": state["best_epoch"], "epochs_run": len(epochs), "early_stopped": state["stopped"],
             "valid": valid, "test": test,
-            "seconds_per_epoch": train_seconds / len(history),
-            "eval_seconds_per_epoch": sum(h["eval_seconds"] for h in history) / len(history),
-            "sequences_per_s": sum(h["sequences"] for h in history) / train_seconds,
-            "targets_per_s": sum(h["targets"] for h in history) / train_seconds,
+            "seconds_per_epoch": train_seconds / max(len(epochs), 1),
+            "eval_seconds_per_epoch": sum(h["eval_seconds"] for h in epochs) / max(len(epochs), 1),
+            "sequences_per_s": sum(h["sequences"] for h in epochs) / train_seconds,
+            "targets_per_s": sum(h["targets"] for h in epochs) / train_seconds,
             "history": history,
         }
+        start = [h for h in history if h.get("start")]
+        if start:  # the starting point's validation metrics (best_epoch -1: it was kept)
+            metrics["start_valid"] = {k[len("valid_"):]: v for k, v in start[0].items() if k.startswith("valid_")}
         if env.is_main:
             write_json(self.out / "metrics.json", metrics)
             log.info("best epoch %d: test ndcg@10 %.4f hit@10 %.4f", state["best_epoch"], test["ndcg@10"], test["hit@10"])

@@ -1,30 +1,53 @@
-"""SICSRec step 2 (§3.5): the step-1 ID encoder frozen (+ peft LoRA), content encoder, mix
-decoder and aggregation trained with L = L_CE + alpha L_ConCL + lambda ||Theta||^2 (eq. 19).
+"""SICSRec step 2 (§3.5): on top of the step-1 ID encoder, the content encoder, mix decoder and
+aggregation trained with L = L_CE + alpha L_ConCL + lambda ||Theta||^2 (eq. 19).
 
 Reuses the step-1 trainer (sicsrec/train.py) for everything but the model and the loss: data
 order, distributed steps, early stopping on validation NDCG@10, checkpoints and resume,
 evaluation with the same scoring at train and test time (h_a . e_id, eq. 16).
 ConCL (eq. 18) contrasts each sequence's last-position h_a with the unified content embedding
 of its next item; negatives are the other sequences' next items pooled across all ranks, the
-same item elsewhere in the global batch masked (sicsrec.losses.concl_loss). Similarity is the
-cosine (h_a normalised as well): at tau = 0.05 raw inner products of unnormalised h_a explode.
-Theta: the content adapters' weights, the trainable stand-ins of E_text and E_image (the cached
-tables themselves are frozen, and E_id is frozen in step 2).
+same item elsewhere in the global batch masked (sicsrec.losses.concl_loss). Similarity
+(`concl_similarity`): cosine by default (h_a normalised as well, as the official code does): at
+tau = 0.05 raw inner products of unnormalised h_a explode; `inner` is the raw product.
+Theta (`reg`, `reg_id_emb`): the trainable ones of E_id (the ID encoder's item table) and the
+content adapters' weights, the trainable stand-ins of E_text and E_image (the cached tables are
+frozen buffers); a frozen member would only add a constant, so it is left out.
 
-Training strategies (Table 9, `sicsrec.strategy`):
-  fixed_id       ours: the step-1 encoder frozen (+ LoRA), the rest trained.
-  end_to_end     the paper's "End2end (not fixed)": the whole model from scratch in one run, the
-                 ID encoder re-initialised (same architecture as step 1) and trained jointly.
-  fixed_content  the paper's "Fixed ConEnc": phase 1 (in <out>/content_pretrain/) trains the
-                 content adapters, CMSE, MMSD and aggregation with the ID encoder frozen at its
-                 random init; phase 2 (in <out>/) starts from phase 1's best weights, freezes
-                 the content parts (`SICSRec.content_modules`) and trains the ID encoder, MMSD
-                 and aggregation. Epochs to convergence count both phases.
+Training strategies (Table 9, `sicsrec.strategy`; parameter groups as in
+`SICSRec.parameter_groups`: "Emb" = E_id or the content adapters, "Enc" = the sequence encoder
+on top of them, positions and norm included):
+  fixed_id_enc     default, the paper's "Fixed IDEnc" (= its headline SICSRec, Table 4): the
+                   step-1 encoder layers frozen + LoRA (B = 0), E_id keeps training (and is in
+                   Theta), the content and mix parts train.
+  fixed_id_emb     "Fixed IDEmb": E_id frozen at step 1, the step-1 encoder layers fine-tuned in
+                   full. No LoRA: a low-rank update of weights that train anyway adds nothing.
+  fixed_id_emb_enc "Fixed IDEmb&Enc": E_id and the encoder layers frozen + LoRA (this module's
+                   `fixed_id` before the Table 9 names).
+  These three start exactly at the step-1 model (identity aggregation, LoRA B = 0), so the
+  trainer evaluates that start first (epoch -1 in the history) and may select it: step 2 never
+  ends below step 1 on validation.
+  fixed_content_enc, fixed_content_emb, fixed_content_emb_enc  "Fixed ConEnc", "Fixed ConEmb",
+                   "Fixed ConEmb&Enc": phase 1 (in <out>/content_pretrain/) trains the content
+                   adapters, content encoder, MMSD and aggregation with the ID encoder (E_id
+                   included) frozen at a random init; phase 2 (in <out>/) starts from phase 1's
+                   best weights (evaluated first, as above), freezes the content encoder (CMSE,
+                   content positions and norm), the adapters, or both, and trains the ID encoder
+                   in full, MMSD, aggregation and the unfrozen content part. Epochs to
+                   convergence count both phases. The earlier `fixed_content` froze both:
+                   fixed_content_emb_enc.
+  end_to_end       "End2end (not fixed)": the whole model from scratch in one run, the ID encoder
+                   re-initialised (same architecture as step 1) and trained jointly.
+Deprecated aliases: fixed_id -> fixed_id_emb_enc, fixed_content -> fixed_content_emb_enc.
+A part with no gradient path in a variant stays frozen whatever the strategy (w/o IMSE: the ID
+encoder layers, and no LoRA; w/o CMSE: content positions and norm, and the adapters too when
+alpha = 0), so DDP never meets a trainable parameter without a gradient.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +68,21 @@ from sicsrec.train import Trainer, load_id_encoder
 class SICSRecLoss(nn.Module):
     """(inputs, targets) -> (CE sum, #targets, alpha ConCL + lambda reg) for the step-1 Trainer."""
 
-    def __init__(self, recommender: SICSRec, alpha: float, temperature: float, reg: float):
+    def __init__(self, recommender: SICSRec, alpha: float, temperature: float, reg: float,
+                 similarity: str = "cosine", reg_id_emb: bool = True):
         super().__init__()
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"sicsrec.concl_similarity must be one of {SIMILARITIES}, got {similarity!r}")
         self.recommender, self.alpha, self.temperature, self.reg = recommender, alpha, temperature, reg
+        self.normalize = similarity == "cosine"
+        self.reg_id_emb = reg_id_emb
+
+    def regularized(self) -> list[nn.Parameter]:
+        """Theta of eq. 19, its trainable members: E_id (with reg_id_emb) and the content adapters."""
+        model = self.recommender
+        theta = [model.id_encoder.item_emb.weight] if self.reg_id_emb else []
+        theta += [p for a in (model.text_adapter, model.image_adapter) if a is not None for p in a.parameters()]
+        return [p for p in theta if p.requires_grad]
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
         model = self.recommender
@@ -58,47 +93,108 @@ class SICSRecLoss(nn.Module):
         if self.alpha > 0:
             last = targets[:, -1]  # windows end at their last item: the last target is always real
             extra = extra + self.alpha * concl_loss(hidden[:, -1], model.unified_content(last), last,
-                                                    self.temperature, normalize=True).loss
-        if self.reg > 0:
-            adapters = [a for a in (model.text_adapter, model.image_adapter) if a is not None]
-            extra = extra + self.reg * sum(p.pow(2).sum() for a in adapters for p in a.parameters())
+                                                    self.temperature, normalize=self.normalize).loss
+        theta = self.regularized() if self.reg > 0 else []
+        if theta:
+            extra = extra + self.reg * sum(p.pow(2).sum() for p in theta)
         return ce_sum, real.sum(), extra
 
 
-STRATEGIES = ("fixed_id", "end_to_end", "fixed_content")
+SIMILARITIES = ("cosine", "inner")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One row of Table 9: which parameter groups (SICSRec.parameter_groups) stay frozen."""
+    label: str  # the row's name in Table 9
+    frozen: frozenset  # groups frozen (phase 2 of a two-phase strategy)
+    from_step1: bool  # the ID encoder starts at the step-1 weights (else re-initialised)
+    lora: bool = False  # LoRA on the frozen ID encoder layers (with sicsrec.use_lora)
+    content_pretrain: bool = False  # phase 1 first: the content parts with the ID side frozen at random
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "fixed_id_enc": Strategy("Fixed IDEnc", frozenset({"id_enc"}), True, lora=True),
+    "fixed_id_emb": Strategy("Fixed IDEmb", frozenset({"id_emb"}), True),
+    "fixed_id_emb_enc": Strategy("Fixed IDEmb&Enc", frozenset({"id_emb", "id_enc"}), True, lora=True),
+    "fixed_content_enc": Strategy("Fixed ConEnc", frozenset({"content_enc"}), False, content_pretrain=True),
+    "fixed_content_emb": Strategy("Fixed ConEmb", frozenset({"content_emb"}), False, content_pretrain=True),
+    "fixed_content_emb_enc": Strategy("Fixed ConEmb&Enc", frozenset({"content_emb", "content_enc"}), False,
+                                      content_pretrain=True),
+    "end_to_end": Strategy("End2end (not fixed)", frozenset(), False),
+}
+# Deprecated names (before the Table 9 names), mapped to the strategies that do what they did.
+ALIASES = {"fixed_id": "fixed_id_emb_enc", "fixed_content": "fixed_content_emb_enc"}
+CONTENT_PHASE_FROZEN = frozenset({"id_emb", "id_enc"})  # phase 1 of the content strategies
+
+
+def resolve_strategy(name: str) -> str:
+    """The strategy's Table 9 name (deprecated aliases mapped)."""
+    if name in ALIASES:
+        return ALIASES[name]
+    if name not in STRATEGIES:
+        raise ValueError(f"sicsrec.strategy must be one of {list(STRATEGIES)} (or the deprecated "
+                         f"{list(ALIASES)}), got {name!r}")
+    return name
+
+
+def starts_at_step1(cfg: SICSRecConfig, phase: str = "") -> bool:
+    """Whether the step-2 model starts as a trained model: exactly the step-1 function (a
+    from-step-1 strategy with IMSE and identity aggregation; LoRA starts at B = 0), or phase 2 of
+    a content strategy (phase 1's best weights)."""
+    strategy = STRATEGIES[resolve_strategy(cfg.strategy)]
+    if phase == "id":
+        return True
+    return phase == "" and strategy.from_step1 and cfg.use_imse and cfg.aggregate_init == "identity"
+
+
+def build_step2_model(cfg: SICSRecConfig, id_encoder, tables: dict, phase: str = "",
+                      init_state: dict | None = None) -> SICSRec:
+    """The step-2 model under `cfg.strategy`, its parameters frozen or trainable as the strategy
+    (and `phase`: "content" = phase 1, "id" = phase 2 of a content strategy) says. The step-1
+    `id_encoder` is copied, never modified. Parts with no gradient path in the variant stay frozen."""
+    strategy = STRATEGIES[resolve_strategy(cfg.strategy)]
+    if strategy.content_pretrain != (phase in ("content", "id")):
+        raise ValueError(f"phase {phase!r} does not fit strategy {cfg.strategy!r}")
+    if strategy.content_pretrain and not cfg.use_cmse:
+        raise ValueError(f"sicsrec.strategy={cfg.strategy} pre-trains the content encoder: it needs use_cmse")
+    frozen = CONTENT_PHASE_FROZEN if phase == "content" else strategy.frozen
+    encoder = copy.deepcopy(id_encoder)
+    if not strategy.from_step1:  # Table 9's other strategies start the ID encoder from scratch
+        encoder.apply(_reset_parameters)
+    # LoRA only where the ID encoder runs (IMSE) and its layers are frozen
+    lora = cfg.use_lora and strategy.lora and cfg.use_imse and phase == ""
+    encoder = freeze_with_lora(encoder, cfg.lora_rank, use_lora=lora)
+    variant = SICSRecVariant(cfg.use_imse, cfg.use_cmse, cfg.use_mmsd, cfg.l2norm, cfg.use_text, cfg.use_image)
+    model = SICSRec(encoder, tables.get("text"), tables.get("image"), tables.get("has_image"),
+                    cfg.content_layers, cfg.decoder_layers, cfg.heads, cfg.dropout, variant,
+                    aggregate_init=cfg.aggregate_init if strategy.from_step1 else "random")
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    used = model.used_groups(concl=cfg.alpha > 0)
+    for group, params in model.parameter_groups().items():
+        for _, p in params:
+            p.requires_grad_(group in used and group not in frozen)
+    return model
 
 
 class SICSRecTrainer(Trainer):
-    """Step 2 on the step-1 Trainer. `phase` (fixed_content only): "content" = phase 1, "id" =
-    phase 2, which starts from `init_state` (phase 1's best weights)."""
+    """Step 2 on the step-1 Trainer. `phase` (content strategies only): "content" = phase 1, "id" =
+    phase 2, which starts from `init_state` (phase 1's best weights). A step 2 that starts as a
+    trained model (`starts_at_step1`) has its start evaluated and selectable (Trainer.starts_trained)."""
 
     def __init__(self, cfg: SICSRecConfig, id_encoder, tables: dict, *args, phase: str = "",
                  init_state: dict | None = None):
-        if cfg.strategy not in STRATEGIES:
-            raise ValueError(f"sicsrec.strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
+        resolve_strategy(cfg.strategy)  # a clear error before anything is built
         self.step2, self.id_encoder, self.tables = cfg, id_encoder, tables
         self.phase, self.init_state = phase, init_state
+        self.starts_trained = starts_at_step1(cfg, phase)
         super().__init__(cfg.train, *args)
 
     def build(self):
         c = self.step2
-        encoder = self.id_encoder
-        if c.strategy != "fixed_id":  # Table 9's other strategies start the ID encoder from scratch
-            encoder = copy.deepcopy(encoder)
-            encoder.apply(_reset_parameters)
-        encoder = freeze_with_lora(encoder, c.lora_rank, use_lora=c.use_lora and c.strategy == "fixed_id")
-        variant = SICSRecVariant(c.use_imse, c.use_cmse, c.use_mmsd, c.l2norm, c.use_text, c.use_image)
-        model = SICSRec(encoder, self.tables.get("text"), self.tables.get("image"), self.tables.get("has_image"),
-                        c.content_layers, c.decoder_layers, c.heads, c.dropout, variant,
-                        aggregate_init=c.aggregate_init if c.strategy == "fixed_id" else "random")
-        if self.init_state is not None:
-            model.load_state_dict(self.init_state)
-        if c.strategy == "end_to_end" or self.phase == "id":
-            encoder.requires_grad_(True)
-        if self.phase == "id":
-            for module in model.content_modules():
-                module.requires_grad_(False)
-        return model, SICSRecLoss(model, c.alpha, c.temperature, c.reg)
+        model = build_step2_model(c, self.id_encoder, self.tables, self.phase, self.init_state)
+        return model, SICSRecLoss(model, c.alpha, c.temperature, c.reg, c.concl_similarity, c.reg_id_emb)
 
 
 def _reset_parameters(module: nn.Module) -> None:
@@ -137,11 +233,16 @@ def train_sicsrec(cfg: Config, force: bool = False, stop_after_epoch: int | None
     section = dict(dataclasses.asdict(cfg.sicsrec), seed=cfg.seed)
     run_id = fingerprint(section, inputs)
 
+    strategy = STRATEGIES[resolve_strategy(cfg.sicsrec.strategy)]
+    if cfg.sicsrec.strategy in ALIASES:
+        warnings.warn(f"sicsrec.strategy={cfg.sicsrec.strategy} is deprecated: it means "
+                      f"{ALIASES[cfg.sicsrec.strategy]} (Table 9 names)", DeprecationWarning, stacklevel=2)
+
     def body(out: Path) -> dict:
         args = (load_id_encoder(run / "train_id"), load_embedding_cache(run / "embeddings"), dataset)
-        if cfg.sicsrec.strategy != "fixed_content":
+        if not strategy.content_pretrain:
             metrics = _fit(SICSRecTrainer(cfg.sicsrec, *args, out, cfg.seed, env, run_id), force, stop_after_epoch)
-            metrics["epochs_to_best"] = metrics["best_epoch"] + 1
+            metrics["epochs_to_best"] = metrics["best_epoch"] + 1  # 0: the start (step 1) was kept
             return metrics
         phase1_dir = out / "content_pretrain"
         phase1_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +253,9 @@ def train_sicsrec(cfg: Config, force: bool = False, stop_after_epoch: int | None
                        force, None if stop_after_epoch is None else stop_after_epoch - first["epochs_run"])
         metrics["content_pretrain"] = {k: first[k] for k in ("best_epoch", "epochs_run", "valid", "test")}
         metrics["epochs_run_total"] = first["epochs_run"] + metrics["epochs_run"]
-        metrics["epochs_to_best"] = first["epochs_run"] + metrics["best_epoch"] + 1
+        # phase 2 kept its start (best_epoch -1): the best model is phase 1's
+        metrics["epochs_to_best"] = (first["best_epoch"] + 1 if metrics["best_epoch"] < 0
+                                     else first["epochs_run"] + metrics["best_epoch"] + 1)
         return metrics
 
     return run_stage(run / "sicsrec", "train_sicsrec", section, inputs, body, force, env.is_main)

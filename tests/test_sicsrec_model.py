@@ -66,6 +66,43 @@ def test_lora_starts_at_the_step1_function_and_can_be_left_out():
     assert not any(p.requires_grad for p in no_lora.id_encoder.parameters())
 
 
+def test_lora_with_a_trainable_item_table_is_fixed_id_enc():
+    """train_embedding=True: E_id trains (Table 9 "Fixed IDEnc"), the encoder layers stay frozen."""
+    torch.manual_seed(0)
+    encoder = freeze_with_lora(SASRec(N, hidden=D, layers=2, heads=2, dropout=0.0, max_len=8), rank=2,
+                               train_embedding=True)
+    names = [n for n, _ in encoder.named_parameters()]
+    assert {n for n, p in encoder.named_parameters() if p.requires_grad} == \
+        {"item_emb.weight"} | {n for n in names if "lora_" in n}
+    frozen = {k: v.clone() for k, v in encoder.state_dict().items() if "lora_" not in k and not k.startswith("item_emb.")}
+    table = encoder.item_emb.weight.detach().clone()
+    opt = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    seq = torch.randint(1, N + 1, (4, 6))
+    for _ in range(2):
+        loss = F.cross_entropy(encoder.logits(encoder.hidden_states(seq[:, :-1])).flatten(0, 1), seq[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in frozen.items())
+    assert not torch.equal(encoder.item_emb.weight, table)
+    assert torch.equal(encoder.item_emb.weight[0], table[0])  # the padding row never moves
+
+
+def test_parameter_groups_cover_every_parameter_once():
+    _, model = build()
+    groups = model.parameter_groups()
+    named = [n for params in groups.values() for n, _ in params]
+    assert sorted(named) == sorted(n for n, _ in model.named_parameters())
+    assert [n for n, _ in groups["id_emb"]] == ["id_encoder.item_emb.weight"]
+    assert groups["lora"] and all("lora_" in n for n, _ in groups["lora"])
+    assert model.used_groups(concl=True) == set(groups)
+    _, no_imse = build(SICSRecVariant(use_imse=False, use_mmsd=False))
+    assert no_imse.used_groups(concl=True) == {"id_emb", "content_emb", "content_enc", "mix"}
+    _, no_cmse = build(SICSRecVariant(use_cmse=False, use_mmsd=False))
+    assert no_cmse.used_groups(concl=False) == {"id_emb", "id_enc", "lora", "mix"}
+    assert no_cmse.used_groups(concl=True) == {"id_emb", "id_enc", "lora", "content_emb", "mix"}
+
+
 def test_unified_content_is_eq10_and_missing_images_use_text():
     _, model = build()
     model.eval()

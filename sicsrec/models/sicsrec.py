@@ -1,16 +1,21 @@
 """SICSRec's sequence preference model (§3.4) and its step-2 set-up (§3.5).
 
-  IMSE  the step-1 SASRec, frozen, its attention/FFN linears wrapped with peft LoRA (eq. 20)
+  IMSE  the step-1 SASRec; in the default step-2 strategy (Table 9 "Fixed IDEnc") its layers are
+        frozen and wrapped with peft LoRA (eq. 20) while its item table E_id keeps training
   content  cached text / image embeddings (frozen buffers) -> MLP adapters to d ->
            e_cont = (e_text + e_ima) / ||e_text + e_ima|| (eq. 10) + positions
   CMSE  causal transformer over the content sequence (eq. 11-12)
   MMSD  cross-attention decoder, query = IMSE states, key/value = CMSE states, then FFN (eq. 13-14);
         its layers are chained (the official code let only the last act)
   aggregation  h_a = Linear(concat(h_e, h_c, h_m)) (eq. 15); scores h_a . e_id (eq. 16) with the
-        frozen ID embedding table, the padding column -inf, at train and test time alike.
+        ID encoder's item table E_id, the padding column -inf, at train and test time alike.
+
+`SICSRec.parameter_groups()` names the parts the Table 9 strategies freeze or train (id_emb,
+id_enc, lora, content_emb, content_enc, mix); sicsrec.train_sicsrec applies them.
 
 Deviations, chosen on purpose: the content positions are a learnable table shared by text and
-image (eq. 6-7) initialised from the ID encoder's, because the ID copy is frozen in step 2;
+image (eq. 6-7) initialised from the ID encoder's, because the ID copy is frozen in step 2 (and
+unused without IMSE);
 positions are added after the eq. 10 normalisation so they are not rescaled with the content.
 Items without an image use their text alone (their image row is masked, not a zero vector
 passed through the adapter's bias). `aggregate_init="identity"` starts the aggregation at
@@ -111,10 +116,52 @@ class SICSRec(nn.Module):
             raise ValueError(f"aggregate_init must be random or identity, got {aggregate_init!r}")
 
     def content_modules(self) -> list[nn.Module]:
-        """The content-modality parts (adapters, positions, CMSE): what "Fixed ConEnc" pre-trains
-        and then freezes (Table 9)."""
+        """The content-modality parts (adapters, positions, norm, CMSE): what the "Fixed Con*"
+        strategies of Table 9 pre-train first."""
         parts = [self.text_adapter, self.image_adapter, self.content_pos, self.content_norm, self.cmse]
         return [m for m in parts if m is not None]
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Every parameter, named, in the group the step-2 strategies (Table 9) freeze or train:
+          id_emb       E_id, the ID encoder's item table (input embeddings and eq. 16 scores)
+          id_enc       the rest of the ID encoder: positions, norm, blocks (GRU4Rec: GRU, dense),
+                       their LoRA excluded
+          lora         the LoRA A/B matrices injected into the ID encoder's linears (eq. 20)
+          content_emb  the text/image adapters: the trainable stand-ins of E_text, E_image (eq. 6-7;
+                       the cached tables themselves are frozen buffers)
+          content_enc  the content sequence encoder: shared content positions, norm and CMSE
+          mix          MMSD and the aggregation
+        "Emb" is what eq. 19's Theta = {E_id, E_text, E_image} regularises; "Enc" the sequence
+        encoder on top of it (positions count as encoder on both sides, as in SASRec)."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {
+            k: [] for k in ("id_emb", "id_enc", "lora", "content_emb", "content_enc", "mix")}
+        for name, p in self.named_parameters():
+            if name.startswith("id_encoder."):
+                group = "lora" if "lora_" in name else "id_emb" if name.startswith("id_encoder.item_emb.") else "id_enc"
+            elif name.startswith(("text_adapter.", "image_adapter.")):
+                group = "content_emb"
+            elif name.startswith(("content_pos.", "content_norm.", "cmse.")):
+                group = "content_enc"
+            elif name.startswith(("mmsd.", "aggregate.")):
+                group = "mix"
+            else:
+                raise AssertionError(f"parameter {name} is in no strategy group")
+            groups[group].append((name, p))
+        return groups
+
+    def used_groups(self, concl: bool) -> set[str]:
+        """The groups with a gradient path in this variant (`concl`: the loss has ConCL, which
+        reads the adapters even without CMSE). A group outside it must stay frozen: DDP without
+        find_unused_parameters fails on a trainable parameter that never gets a gradient."""
+        v = self.variant
+        used = {"id_emb", "mix"}  # E_id scores every variant; the aggregation is always there
+        if v.use_imse:
+            used |= {"id_enc", "lora"}
+        if v.use_cmse:
+            used |= {"content_emb", "content_enc"}
+        elif concl:
+            used.add("content_emb")
+        return used
 
     # -- content ------------------------------------------------------------------------------
     def content_embedding(self, items: torch.Tensor) -> list[torch.Tensor]:
@@ -171,19 +218,21 @@ class SICSRec(nn.Module):
 
 
 def freeze_with_lora(id_encoder: SASRec, rank: int = 4, alpha: int | None = None, dropout: float = 0.0,
-                     use_lora: bool = True) -> SASRec:
-    """Freeze every weight of the step-1 encoder and (optionally) inject peft LoRA into its
+                     use_lora: bool = True, train_embedding: bool = False) -> SASRec:
+    """Freeze the weights of the step-1 encoder and (optionally) inject peft LoRA into its
     attention and FFN linears: W0 + B A with A ~ normal, B = 0 (eq. 20), so the step-2 model
-    starts exactly at the step-1 function. Only `lora_` parameters remain trainable."""
+    starts exactly at the step-1 function. Trainable afterwards: the `lora_` parameters, and the
+    item table E_id (`item_emb`) with `train_embedding` (Table 9 "Fixed IDEnc"); everything else
+    is frozen ("Fixed IDEmb&Enc" without `train_embedding`)."""
     for p in id_encoder.parameters():
         p.requires_grad_(False)
-    if not use_lora:
-        return id_encoder
-    from peft import LoraConfig, inject_adapter_in_model
+    model = id_encoder
+    if use_lora:
+        from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=LORA_TARGETS,
-                        init_lora_weights="gaussian")
-    model = inject_adapter_in_model(config, id_encoder)
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=LORA_TARGETS,
+                            init_lora_weights="gaussian")
+        model = inject_adapter_in_model(config, id_encoder)
     for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
+        p.requires_grad_("lora_" in name or (train_embedding and name.startswith("item_emb.")))
     return model
