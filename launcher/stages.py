@@ -151,8 +151,9 @@ STAGES: dict[str, tuple[Callable[[Config, bool], dict], str]] = {
     "encode": (encode, "embed every item with the tuned encoders -> <run_dir>/embeddings/{text,image,has_image}.npy"),
     "train-id": (train_id, "SICSRec step 1: SASRec/GRU4Rec ID encoder, full-softmax CE, early stopping "
                            "-> <run_dir>/train_id"),
-    "train-sicsrec": (train_sicsrec, "SICSRec step 2: frozen step-1 encoder + LoRA, content encoder, mix decoder, "
-                                     "CE + alpha ConCL -> <run_dir>/sicsrec"),
+    "train-sicsrec": (train_sicsrec, "SICSRec step 2: step-1 encoder layers frozen + LoRA (item embeddings keep "
+                                     "training: Table 9 fixed_id_enc), content encoder, mix decoder, CE + alpha ConCL "
+                                     "-> <run_dir>/sicsrec"),
     "train-content": (train_content, "baseline SASRec-Content: cached content embeddings as the only input "
                                      "-> <run_dir>/sasrec_content"),
     "train-hybrid": (train_hybrid, "baseline SASRec-Hybrid: ID + content embeddings at the input "
