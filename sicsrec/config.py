@@ -24,6 +24,8 @@ class TrainConfig:
     patience: int = 10  # early stopping on validation NDCG@10
     eval_batch_size: int = 512
     mask_history: bool = False  # mask the user's history items at evaluation (RecBole sequential: no)
+    eval_item_chunk: int = 65536  # items scored per [users x items] block at evaluation; 0 = all in one
+    eval_users: int = 0  # validation on a fixed seeded sample of this many users (0 = all); test uses all
     engine: str = "auto"  # auto | single | ddp | deepspeed
     precision: str = "auto"  # auto (bf16 on a capable GPU, else fp32) | bf16 | fp32
     ds_config: str = "ds_config.json"

@@ -1,13 +1,13 @@
 """Leave-one-out full-ranking evaluation: Hit@K and NDCG@K over all items, sharded over ranks.
 
 Conventions (RecBole 1.2.1 full sort, checked in its source):
-- Every item 1..N is a candidate; padding item 0 never is (its score is set to -inf).
+- Every item 1..N is a candidate; padding item 0 never is.
 - History items: RecBole's `FullSortEvalDataLoader` builds `history_index` only for general
   (non-sequential) models; for sequential models it passes `None`, so SASRec & co. are ranked
   WITHOUT masking the user's history (`trainer._full_sort_batch_eval`). That is our default
   (`mask_history=False`), and it is also what the official SICSRec code did. `mask_history=True`
-  gives RecBole's general-model behaviour: the user's earlier items score -inf, except the target
-  itself (RecBole masks used items minus positives).
+  gives RecBole's general-model behaviour: the user's earlier items are no candidates, except the
+  target itself (RecBole masks used items minus positives).
 - Rank (0-based) = number of candidates scoring strictly higher than the target, plus, with
   `ties="pessimistic"` (default), the other candidates scoring exactly as high. Pessimistic ties
   keep a degenerate model (constant scores) at the bottom instead of the top; RecBole leaves ties
@@ -15,54 +15,141 @@ Conventions (RecBole 1.2.1 full sort, checked in its source):
 - Hit@K = [rank < K]; NDCG@K = 1 / log2(rank + 2) if rank < K (one relevant item, so IDCG = 1).
   K larger than the number of items is allowed (every target is then a hit).
 
-Sharding: the users are split over ranks without padding or duplicates (rank r takes users
-r, r+W, ...); each rank sums its metrics and the [sums..., count] vector is all-reduced, so the
-result equals a single-process evaluation.
+Chunked ranking (one implementation for every path): items are visited in chunks of `item_chunk`
+ids and `RankCounter` adds, per user, the candidates of each [batch, chunk] score block that beat
+the target's score, so no [users, N] matrix exists beyond one block. A `score_fn` returning the full
+[B, N+1] matrix is the same code with the matrix sliced into blocks (one block by default); with an
+`item_table` the function gives [B, d] user representations and each block is
+`hidden @ table[chunk].T` in fp32 (the models' `logits`). The target's score comes from the same
+fp32 matmul on the target's row; the target's own column never counts. Caveat: BLAS may round a
+dot product differently for other matrix shapes (seen on CPU for 1-row or 1-column products, in
+the last bit), so a rival within one ulp of the target's score can rank either side of it,
+against the full matrix as between chunk sizes; with exact scores (tests) every path agrees.
+
+Sharding, either of:
+- users (default): rank r takes users r, r+W, ... (no padding, no duplicates); each rank sums its
+  metrics and the [sums..., count] vector is all-reduced. Ranks make the same number of forward
+  calls (`equal_batches`, on by default when W > 1: a rank with fewer batches runs one-row dummy
+  forwards whose output is discarded), since a ZeRO-3 forward is a collective.
+- items (`item_shard=True`): rank r ranks every user against item ids `item_range(N, r, W)` only,
+  its slice of the table; per batch the targets' scores (from the rank owning each target) and
+  then the per-user counts are all-reduced, so every rank gets the single-process ranks.
+Either way the result equals a single-process evaluation.
+
+Extras: `top_k` > 0 keeps a running top-K per user merged over chunks (and item shards) and writes
+it to `top_k_path` as JSONL; `user_sample` > 0 evaluates a fixed seeded sample of users (still
+against every item), stated in the result: "users" (the sample's size), "user_sample_of" (all
+users), "user_sample_seed".
 """
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from shards.prepared import PreparedDataset
+from shards.prepared import PreparedDataset, UserSequence
 from sicsrec.data import pad_left
 
 KS = (5, 10, 20)
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+# an item table: a [rows, d] tensor, or a function mapping item ids (a 1-d LongTensor) to their rows
+ItemTable = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+
+
+def item_range(num_items: int, rank: int = 0, world_size: int = 1) -> tuple[int, int]:
+    """Item ids [start, end) of `rank` under item sharding: 1..N in contiguous near-equal slices."""
+    per, extra = divmod(num_items, world_size)
+    start = 1 + rank * per + min(rank, extra)
+    return start, start + per + (rank < extra)
+
+
+def item_chunks(start: int, end: int, chunk: int = 0) -> list[tuple[int, int]]:
+    """[start, end) split into id ranges of `chunk` items (0: one range)."""
+    step = chunk if chunk > 0 else max(end - start, 1)
+    return [(s, min(s + step, end)) for s in range(start, end, step)]
+
+
+def score_block(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[B, d] x [C, d] -> [B, C] fp32 scores (as the models' `logits`: bf16 would tie many items)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return hidden.float() @ rows.to(hidden.device).float().T
+
+
+class RankCounter:
+    """Running 0-based target ranks of a batch over item chunks (`add` each [B, C] block once),
+    and optionally the running top-K items per row.
+
+    target_scores: [B]; targets: [B] item ids; histories: per row, items that are no candidates
+    (except the target), or None. The target's own column never counts.
+    """
+
+    def __init__(self, target_scores: torch.Tensor, targets: torch.Tensor,
+                 histories: Sequence[Sequence[int]] | None = None, ties: str = "pessimistic", top_k: int = 0):
+        if ties not in ("pessimistic", "optimistic"):
+            raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
+        if torch.isnan(target_scores).any():
+            raise ValueError("scores contain NaN")
+        device = target_scores.device
+        self.target_scores = target_scores.float()[:, None]
+        self.targets, self.ties, self.top_k = targets.to(device), ties, top_k
+        rows, cols = [], []
+        for row, (history, target) in enumerate(zip(histories or [], targets.tolist())):
+            seen = sorted(set(history) - {target})  # each masked item once; never the target
+            rows += [row] * len(seen)
+            cols += seen
+        self.masked_rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self.masked_cols = torch.tensor(cols, dtype=torch.long, device=device)
+        self.counts = torch.zeros(len(targets), dtype=torch.long, device=device)
+        # top-K starts as K placeholders (score -inf, item 0) that any real candidate replaces
+        self.top_scores = torch.full((len(targets), top_k), float("-inf"), device=device)
+        self.top_items = torch.zeros(len(targets), top_k, dtype=torch.long, device=device)
+
+    def add(self, start: int, block: torch.Tensor) -> None:
+        """Count the items start .. start+C-1, whose scores are `block` [B, C]."""
+        if torch.isnan(block).any():
+            raise ValueError("scores contain NaN")
+        end = start + block.shape[1]
+        beats = block >= self.target_scores if self.ties == "pessimistic" else block > self.target_scores
+        self.counts += beats.sum(1, dtype=torch.int32)  # int32: the sum's [B, C] temporary (CPU) is half of int64's
+        own = ((self.targets >= start) & (self.targets < end)).nonzero()[:, 0]
+        self.counts[own] -= beats[own, self.targets[own] - start].long()  # the target is not its own rival
+        inside = (self.masked_cols >= start) & (self.masked_cols < end)
+        rows, cols = self.masked_rows[inside], self.masked_cols[inside] - start
+        self.counts.index_add_(0, rows, -beats[rows, cols].long())  # masked history items do not count
+        if self.top_k:
+            if len(rows):
+                block = block.index_put((rows, cols), torch.tensor(float("-inf"), device=block.device))
+            scores, items = block.float().topk(min(self.top_k, block.shape[1]), dim=1)
+            self.merge_top_k(scores, items + start)
+
+    def merge_top_k(self, scores: torch.Tensor, items: torch.Tensor) -> None:
+        """Merge candidate (scores, items) [B, *] into the running top-K."""
+        scores, items = torch.cat([self.top_scores, scores], 1), torch.cat([self.top_items, items], 1)
+        self.top_scores, pick = scores.topk(self.top_k, dim=1)
+        self.top_items = items.gather(1, pick)
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, histories: Sequence[Sequence[int]] | None = None,
-                 ties: str = "pessimistic") -> torch.Tensor:
+                 ties: str = "pessimistic", item_chunk: int = 0) -> torch.Tensor:
     """0-based rank of each target among items 1..N.
 
     scores: [B, N+1] (column 0 is padding and never ranks); targets: [B] ids in 1..N;
-    histories: per row, items to mask (-inf) unless equal to the target; None masks nothing.
+    histories: per row, items that are no candidates unless equal to the target; None masks
+    nothing. item_chunk > 0 counts the columns in blocks of that many items (same result).
     """
-    if ties not in ("pessimistic", "optimistic"):
-        raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
     if scores.dim() != 2 or scores.shape[0] != targets.shape[0]:
         raise ValueError(f"scores must be [batch, num_items+1], got {tuple(scores.shape)} for {targets.shape[0]} targets")
-    if torch.isnan(scores).any():
-        raise ValueError("scores contain NaN")
     if (targets < 1).any() or (targets >= scores.shape[1]).any():
         raise ValueError(f"targets must be item ids in 1..{scores.shape[1] - 1}")
-    scores = scores.float().clone()
-    scores[:, 0] = float("-inf")
-    target_scores = scores.gather(1, targets[:, None])
-    if histories is not None:
-        rows = [r for r, h in enumerate(histories) for _ in h]
-        cols = [i for h in histories for i in h]
-        if cols:
-            scores[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = float("-inf")
-        scores.scatter_(1, targets[:, None], target_scores)  # the target is never masked, even if seen before
-    higher = (scores > target_scores).sum(1)
-    if ties == "optimistic":
-        return higher
-    same = (scores == target_scores).sum(1) - 1  # minus the target itself
-    return higher + same
+    counter = RankCounter(scores.gather(1, targets[:, None])[:, 0], targets, histories, ties)
+    for start, end in item_chunks(1, scores.shape[1], item_chunk):
+        counter.add(start, scores[:, start:end])
+    return counter.counts
 
 
 def metric_sums(ranks: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
@@ -77,44 +164,170 @@ def metric_sums(ranks: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, float]
     return out
 
 
+def sample_users(users: list[UserSequence], size: int, seed: int = 0) -> tuple[list[UserSequence], dict | None]:
+    """A fixed seeded sample of `size` users (in dataset order) and its description; every user
+    and None when size is 0 or at least the number of users."""
+    if size <= 0 or size >= len(users):
+        return users, None
+    pick = torch.randperm(len(users), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    return [users[i] for i in pick.tolist()], {"size": size, "seed": seed, "of": len(users)}
+
+
+class _Items:
+    """Rows of an item table (a tensor, or a function of item ids) whose first row is item `offset`."""
+
+    def __init__(self, table: ItemTable, offset: int):
+        self.table, self.offset = table, offset
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if callable(self.table):
+            return self.table(ids)
+        return self.table[ids.to(self.table.device) - self.offset]
+
+    def chunk(self, start: int, end: int) -> torch.Tensor:
+        if callable(self.table):
+            return self.table(torch.arange(start, end))
+        return self.table[start - self.offset:end - self.offset]
+
+
+def _on_backend(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    return tensor.to(device if dist.get_backend() == "nccl" else "cpu")
+
+
+def _all_reduce(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    out = _on_backend(tensor, device)
+    dist.all_reduce(out)
+    return out.to(tensor.device)
+
+
+def _all_gather(tensor: torch.Tensor, device: torch.device | str, world_size: int) -> list[torch.Tensor]:
+    local = _on_backend(tensor, device)
+    parts = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(parts, local)
+    return [p.to(tensor.device) for p in parts]
+
+
+def _write_top_k(path: str | Path, records: list[tuple[list[UserSequence], torch.Tensor, torch.Tensor]],
+                 writers: Sequence[int], rank: int) -> None:
+    """JSONL, one line per user: {"user", "user_id", "items", "scores"}, best first (placeholders
+    and masked items, score -inf, left out). Ranks in `writers` append in turn."""
+    for writer in writers:
+        if writer == rank:
+            with open(path, "w" if writer == writers[0] else "a") as f:
+                for users, scores, items in records:
+                    for user, s, i in zip(users, scores.tolist(), items.tolist()):
+                        keep = [j for j, value in enumerate(s) if value != float("-inf")]
+                        f.write(json.dumps({"user": user.user, "user_id": user.user_id,
+                                            "items": [i[j] for j in keep], "scores": [s[j] for j in keep]}) + "\n")
+        if len(writers) > 1 and dist.is_initialized():
+            dist.barrier()
+
+
 @torch.no_grad()
 def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: int, batch_size: int = 512,
              ks: Sequence[int] = KS, mask_history: bool = False, ties: str = "pessimistic",
              device: torch.device | str = "cpu", rank: int | None = None, world_size: int | None = None,
-             progress: bool = False) -> dict[str, float]:
-    """Mean Hit@K / NDCG@K on `split` (valid or test) over all users.
+             progress: bool = False, *, item_table: ItemTable | None = None, item_chunk: int = 0,
+             item_shard: bool = False, top_k: int = 0, top_k_path: str | Path | None = None,
+             user_sample: int = 0, user_seed: int = 0, equal_batches: bool | None = None) -> dict:
+    """Mean Hit@K / NDCG@K on `split` (valid or test) over all users (or a seeded sample).
 
-    score_fn maps [B, max_len] left-padded histories (on `device`) to [B, N+1] scores. Under
-    torch.distributed every rank must call this; rank/world_size default to the process group's.
+    score_fn maps [B, max_len] left-padded histories (on `device`) to [B, N+1] scores or, when
+    `item_table` is given, to [B, d] user representations scored against the table: [N+1, d]
+    (row 0 padding), or under `item_shard` this rank's rows `item_range(N, rank, W)` (the full
+    table works too), or a function of item ids giving their rows. Items are ranked in chunks
+    of `item_chunk` ids (0: all at once). top_k > 0 writes each user's top-K items to
+    `top_k_path` (JSONL). user_sample > 0 evaluates that many users drawn with `user_seed`.
+    equal_batches (default: on when W > 1) gives every rank the same number of forward calls.
+    Under torch.distributed every rank must call this; rank/world_size default to the group's.
     """
     if split not in ("valid", "test"):
         raise ValueError(f"evaluation split must be valid or test, got {split!r}")
+    if top_k and top_k_path is None:
+        raise ValueError("top_k needs a top_k_path to write to")
     if dist.is_initialized():
         rank = dist.get_rank() if rank is None else rank
         world_size = dist.get_world_size() if world_size is None else world_size
     rank, world_size = rank or 0, world_size or 1
-    users = dataset.users[rank::world_size]
+    shared = item_shard and world_size > 1  # every rank sees every user; counts are all-reduced
+    if shared and not dist.is_initialized():
+        raise ValueError("item_shard over several ranks needs torch.distributed")
+    num_items = dataset.num_items
+    all_users, sample = sample_users(dataset.users, user_sample, user_seed)
+    start, end = item_range(num_items, rank, world_size) if item_shard else (1, num_items + 1)
+    items = None
+    if item_table is not None:
+        full = not callable(item_table) and item_table.shape[0] == num_items + 1
+        if not callable(item_table) and not full and item_table.shape[0] != end - start:
+            raise ValueError(f"item_table has {item_table.shape[0]} rows: expected {num_items + 1} "
+                             f"(all items) or {end - start} (items {start}..{end - 1})")
+        items = _Items(item_table, 0 if full or callable(item_table) else start)
+
+    users = all_users if item_shard else all_users[rank::world_size]
+    batches = [users[i:i + batch_size] for i in range(0, len(users), batch_size)]
+    if equal_batches is None:
+        equal_batches = world_size > 1
+    if equal_batches and not item_shard:  # pad to the most batches any rank has (ranks differ by <= 1 user)
+        most = math.ceil(math.ceil(len(all_users) / world_size) / batch_size)
+        batches += [[] for _ in range(most - len(batches))]
+
+    def rank_batch(out: torch.Tensor, targets: torch.Tensor, histories: list[list[int]]) -> RankCounter:
+        """The batch's targets counted over this rank's items [start, end), block by block. `out`
+        is score_fn's output. (A function: its blocks are freed before the next forward.)"""
+        if items is None:
+            if out.shape != (len(targets), num_items + 1):
+                raise ValueError(f"score_fn returned {tuple(out.shape)}, expected ({len(targets)}, {num_items + 1})")
+            target_scores = out.gather(1, targets[:, None])[:, 0].float()
+            block = lambda s, e: out[:, s:e]  # noqa: E731
+        else:
+            if out.dim() != 2 or out.shape[0] != len(targets):
+                raise ValueError(f"score_fn returned {tuple(out.shape)}, expected ({len(targets)}, d): "
+                                 "user representations")
+            target_scores = torch.zeros(len(targets), device=out.device)
+            own = ((targets >= start) & (targets < end)).nonzero()[:, 0]  # targets among this rank's items
+            if len(own):  # the same fp32 matmul as a block, on the targets' rows
+                target_scores[own] = score_block(out[own], items.rows(targets[own])).diagonal()
+            if shared:
+                target_scores = _all_reduce(target_scores, device)  # each target's score from its owner
+            block = lambda s, e: score_block(out, items.chunk(s, e))  # noqa: E731
+        counter = RankCounter(target_scores, targets, histories if mask_history else None, ties, top_k)
+        for s, e in item_chunks(start, end, item_chunk):
+            counter.add(s, block(s, e))
+        return counter
+
     names = [f"{m}@{k}" for k in ks for m in ("hit", "ndcg")]
     totals = torch.zeros(len(names) + 1, dtype=torch.float64)
-    for start in tqdm(range(0, len(users), batch_size), desc=f"eval {split}", disable=not progress, leave=False):
-        chunk = users[start:start + batch_size]
-        histories = [u.history(split) for u in chunk]
-        targets = torch.tensor([u.target(split) for u in chunk], device=device)
-        scores = score_fn(pad_left(histories, max_len).to(device))
-        if scores.shape != (len(chunk), dataset.num_items + 1):
-            raise ValueError(f"score_fn returned {tuple(scores.shape)}, expected ({len(chunk)}, {dataset.num_items + 1})")
-        ranks = target_ranks(scores, targets, histories if mask_history else None, ties)
+    top_records = []
+    for batch in tqdm(batches, desc=f"eval {split}", disable=not progress, leave=False):
+        if not batch:  # equal_batches padding: the forward runs (a collective under ZeRO-3), its output is unused
+            score_fn(pad_left([all_users[0].history(split)], max_len).to(device))
+            continue
+        histories = [u.history(split) for u in batch]
+        targets = torch.tensor([u.target(split) for u in batch], device=device)
+        counter = rank_batch(score_fn(pad_left(histories, max_len).to(device)), targets, histories)
+        ranks = counter.counts
+        if shared:
+            ranks = _all_reduce(ranks, device)  # the per-user counts over all item slices
+            if top_k:
+                parts = zip(_all_gather(counter.top_scores, device, world_size),
+                            _all_gather(counter.top_items, device, world_size))
+                for other, (scores, ids) in enumerate(parts):
+                    if other != rank:  # this rank's own top-K is already in the counter
+                        counter.merge_top_k(scores, ids)
+        if top_k:
+            top_records.append((batch, counter.top_scores.cpu(), counter.top_items.cpu()))
         sums = metric_sums(ranks, ks)
         totals[:-1] += torch.tensor([sums[n] for n in names], dtype=torch.float64)
-        totals[-1] += len(chunk)
-    if dist.is_initialized() and world_size > 1:
-        backend_device = device if dist.get_backend() == "nccl" else "cpu"
-        totals = totals.to(backend_device)
-        dist.all_reduce(totals)
-        totals = totals.cpu()
+        totals[-1] += len(batch)
+    if dist.is_initialized() and world_size > 1 and not shared:
+        totals = _all_reduce(totals, device)
+    if top_k:
+        _write_top_k(top_k_path, top_records, [0] if shared else list(range(world_size)), rank)
     count = totals[-1].item()
     if count == 0:
         raise ValueError("no users to evaluate")
     result = {n: totals[i].item() / count for i, n in enumerate(names)}
     result["users"] = int(count)
+    if sample is not None:  # flat keys: a result is a dict of numbers (logged as scalars)
+        result.update(user_sample_of=sample["of"], user_sample_seed=sample["seed"])
     return result

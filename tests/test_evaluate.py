@@ -1,4 +1,5 @@
-"""Full-ranking metrics against hand-computed rankings, and sharded evaluation across ranks."""
+"""Full-ranking metrics against hand-computed rankings, chunked and sharded evaluation across ranks."""
+import json
 import math
 import os
 import socket
@@ -9,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shards.prepared import Item, PreparedDataset, UserSequence
-from sicsrec.evaluate import evaluate, metric_sums, target_ranks
+from sicsrec.data import pad_left
+from sicsrec.evaluate import evaluate, item_range, metric_sums, sample_users, target_ranks
 from sicsrec.models.sasrec import SASRec
 
 NEG = float("-inf")
@@ -114,6 +116,7 @@ def _eval_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_evaluation_equals_single_process(tmp_path):
     single = {f"{s}-{m}": evaluate(_model().score_all, random_dataset(), s, max_len=8, batch_size=5, mask_history=m)
               for s in ("valid", "test") for m in (False, True)}
@@ -128,3 +131,187 @@ def test_distributed_evaluation_equals_single_process(tmp_path):
             for name, value in expected.items():
                 assert shard[key][name] == pytest.approx(value, abs=1e-12), (key, name)
     assert single["test-False"] != single["test-True"]  # masking matters on this data
+
+
+# --- chunked ranking (item_chunk), item tables, item sharding, top-K, user samples, equal batches ---
+
+def reference_ranks(scores, targets, histories=None, ties="pessimistic"):
+    """The full-matrix ranking as it was before chunking (one [B, N+1] matrix, masked by -inf)."""
+    scores = scores.float().clone()
+    scores[:, 0] = NEG
+    target_scores = scores.gather(1, targets[:, None])
+    if histories is not None:
+        for row, history in enumerate(histories):
+            scores[row, list(history)] = NEG
+        scores.scatter_(1, targets[:, None], target_scores)
+    higher = (scores > target_scores).sum(1)
+    return higher if ties == "optimistic" else higher + (scores == target_scores).sum(1) - 1
+
+
+def planted_ties(rows=40, num_items=50, seed=0):
+    """Scores from 5 levels (many ties) plus some distinct ones; targets; histories with repeats
+    and sometimes the target itself."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 5, (rows, num_items + 1), generator=g).float() / 4
+    scores[:, ::7] = torch.rand(rows, len(range(0, num_items + 1, 7)), generator=g)
+    targets = torch.randint(1, num_items + 1, (rows,), generator=g)
+    histories = [torch.randint(1, num_items + 1, (int(n),), generator=g).tolist() + ([int(t)] if r % 3 == 0 else [])
+                 for r, (n, t) in enumerate(zip(torch.randint(0, 12, (rows,), generator=g), targets))]
+    return scores, targets, histories
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+@pytest.mark.parametrize("mask", [False, True])
+def test_chunked_ranks_equal_the_full_matrix_ranking_with_planted_ties(ties, mask):
+    scores, targets, histories = planted_ties()
+    histories = histories if mask else None
+    expected = reference_ranks(scores, targets, histories, ties)
+    assert expected.unique().numel() > 10  # a spread of ranks, not all tied
+    for chunk in (0, 1, 2, 7, 49, 50, 51, 1000):
+        assert target_ranks(scores, targets, histories, ties, item_chunk=chunk).tolist() == expected.tolist(), chunk
+
+
+def last_item_scorer(scores):
+    """A user's scores = row `last history item` of the planted matrix, as a full score_fn and as
+    (one-hot user representation, item table): one-hot products are exact in fp32."""
+    table = scores.T.contiguous()  # [items, dims]: item j's row holds column j of the planted matrix
+
+    def score_fn(histories):
+        return scores[histories[:, -1]]
+
+    def user_fn(histories):
+        return torch.nn.functional.one_hot(histories[:, -1], scores.shape[0]).float()
+
+    return score_fn, user_fn, table
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+@pytest.mark.parametrize("mask", [False, True])
+def test_evaluate_on_an_item_table_in_chunks_equals_the_score_matrix(ties, mask):
+    ds = random_dataset()  # 30 items
+    scores, _, _ = planted_ties(rows=31, num_items=30, seed=1)
+    score_fn, user_fn, table = last_item_scorer(scores)
+    kw = dict(max_len=8, batch_size=5, ks=(1, 5, 10, 50), ties=ties, mask_history=mask)  # 50 > 30 items
+    for split in ("valid", "test"):
+        expected = evaluate(score_fn, ds, split, **kw)
+        for chunk in (0, 1, 4, 30, 31, 100):
+            assert evaluate(score_fn, ds, split, item_chunk=chunk, **kw) == expected, chunk
+            assert evaluate(user_fn, ds, split, item_table=table, item_chunk=chunk, **kw) == expected, chunk
+        assert evaluate(user_fn, ds, split, item_table=lambda ids: table[ids], item_chunk=7, **kw) == expected
+
+
+def test_evaluate_on_a_model_item_table_equals_its_score_matrix():
+    model, ds = _model(), random_dataset()
+    for mask in (False, True):
+        expected = evaluate(model.score_all, ds, "test", 8, batch_size=5, mask_history=mask)
+        for chunk in (0, 4, 64):
+            got = evaluate(model.sequence_repr, ds, "test", 8, batch_size=5, mask_history=mask,
+                           item_table=model.item_emb.weight, item_chunk=chunk)
+            assert got == expected
+
+
+def read_top_k(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_top_k_file_equals_torch_topk_of_the_full_score_matrix(tmp_path):
+    ds = random_dataset()
+    scores = torch.rand(31, 31, generator=torch.Generator().manual_seed(2))  # distinct: no tie order to guess
+    score_fn, user_fn, table = last_item_scorer(scores)
+    histories = pad_left([u.history("test") for u in ds.users], 8)
+    full = score_fn(histories)[:, 1:]
+    for mask in (False, True):
+        if mask:
+            full = full.clone()
+            for row, u in enumerate(ds.users):
+                full[row, [i - 1 for i in set(u.history("test")) - {u.test}]] = NEG
+        top_scores, top_items = full.topk(5, dim=1)
+        path = tmp_path / f"top{mask}.jsonl"
+        evaluate(user_fn, ds, "test", 8, batch_size=4, mask_history=mask, item_table=table, item_chunk=3,
+                 top_k=5, top_k_path=path)
+        got = read_top_k(path)
+        assert [r["user"] for r in got] == [u.user for u in ds.users]
+        assert [r["items"] for r in got] == (top_items + 1).tolist()
+        assert [r["scores"] for r in got] == top_scores.tolist()
+    # K beyond the candidates: every item once, placeholders left out
+    evaluate(score_fn, ds, "test", 8, top_k=40, top_k_path=tmp_path / "all.jsonl", item_chunk=7)
+    assert all(sorted(r["items"]) == list(range(1, 31)) for r in read_top_k(tmp_path / "all.jsonl"))
+
+
+def test_a_user_sample_is_seeded_stated_and_ranks_every_item():
+    ds, model = random_dataset(), _model()
+    got = evaluate(model.score_all, ds, "test", 8, batch_size=4, user_sample=10, user_seed=3)
+    assert (got["users"], got["user_sample_of"], got["user_sample_seed"]) == (10, 23, 3)
+    assert evaluate(model.score_all, ds, "test", 8, batch_size=4, user_sample=10, user_seed=3) == got
+    sample, _ = sample_users(ds.users, 10, 3)
+    assert sample != sample_users(ds.users, 10, 4)[0] and len({u.user for u in sample}) == 10
+    alone = evaluate(model.score_all, PreparedDataset(ds.items[1:], sample), "test", 8, batch_size=4)
+    assert {k: v for k, v in got.items() if not k.startswith("user_sample")} == alone
+    assert "user_sample_of" not in evaluate(model.score_all, ds, "test", 8, user_sample=23)  # all users: no sample
+
+
+def test_equal_batches_give_every_rank_the_same_number_of_forward_calls():
+    ds, model = random_dataset(), _model()  # 23 users on 2 ranks: 12 and 11; batches of 11 -> 2 and 1
+    for batch_size, natural in ((6, [2, 2]), (11, [2, 1]), (30, [1, 1])):
+        for equal in (None, False):
+            calls = []
+            for rank in range(2):
+                def counted(histories):
+                    calls.append((rank, len(histories)))
+                    return model.score_all(histories)
+                evaluate(counted, ds, "test", 8, batch_size=batch_size, rank=rank, world_size=2, equal_batches=equal)
+            per_rank = [sum(r == rank for r, _ in calls) for rank in range(2)]
+            assert per_rank == ([max(natural)] * 2 if equal is None else natural)
+            assert sum(n for _, n in calls) == 23 + (per_rank[0] - natural[0]) + (per_rank[1] - natural[1])
+
+
+def _sharded_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(sharded_results(rank, world, out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded_results(rank, world, out_dir):
+    """Item-sharded (and one user-sharded) evaluations; with world=1 the single-process ones."""
+    ds, model = random_dataset(), _model()
+    scores, _, _ = planted_ties(rows=31, num_items=30, seed=1)
+    _, user_fn, table = last_item_scorer(scores)
+    start, end = item_range(30, rank, world)
+    out = {}
+    for mask in (False, True):
+        for ties in ("pessimistic", "optimistic"):
+            kw = dict(batch_size=4, mask_history=mask, ties=ties, item_shard=True)
+            out[f"planted-{mask}-{ties}"] = evaluate(user_fn, ds, "test", 8, item_table=table, item_chunk=3, **kw)
+            out[f"planted-slice-{mask}-{ties}"] = evaluate(user_fn, ds, "test", 8, item_table=table[start:end], **kw)
+        out[f"model-{mask}"] = evaluate(model.sequence_repr, ds, "valid", 8, batch_size=5, mask_history=mask,
+                                        item_table=model.item_emb.weight, item_chunk=4, item_shard=True)
+        out[f"model-users-{mask}"] = evaluate(model.sequence_repr, ds, "valid", 8, batch_size=5, mask_history=mask,
+                                              item_table=model.item_emb.weight, item_chunk=4)
+    evaluate(model.sequence_repr, ds, "test", 8, batch_size=4, item_table=model.item_emb.weight, item_chunk=4,
+             item_shard=True, top_k=6, top_k_path=os.path.join(out_dir, f"top{world}.jsonl"))
+    return out
+
+
+@pytest.mark.slow
+def test_item_sharded_evaluation_on_two_ranks_equals_single_process(tmp_path):
+    single = sharded_results(0, 1, str(tmp_path))
+    assert single["planted-False-pessimistic"] != single["planted-True-pessimistic"]
+    assert single["planted-True-pessimistic"] != single["planted-True-optimistic"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        shard = torch.load(tmp_path / f"rank{rank}.pt")
+        assert shard.keys() == single.keys()
+        for key, expected in single.items():
+            assert shard[key]["users"] == 23
+            for name, value in expected.items():
+                assert shard[key][name] == pytest.approx(value, abs=1e-12), (key, name)
+    two, one = read_top_k(tmp_path / "top2.jsonl"), read_top_k(tmp_path / "top1.jsonl")
+    assert [r["items"] for r in two] == [r["items"] for r in one] and len(one) == 23
+    flat = lambda rows: [s for r in rows for s in r["scores"]]  # noqa: E731
+    assert flat(two) == pytest.approx(flat(one), abs=1e-6)
