@@ -30,6 +30,13 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on a capable GPU, else fp32) | bf16 | fp32
     ds_config: str = "ds_config.json"
     zero_stage: int = -1  # -1 = the stage in ds_config
+    # Next-item CE (sicsrec.next_item): full = the [targets x (N+1)] logits (exact) | chunked = the
+    # same loss and gradients, loss_chunk target rows at a time | sampled = num_negatives shared
+    # negatives (drawn by sampler: uniform | popularity) + the global batch's positives, logQ-corrected
+    loss: str = "full"
+    loss_chunk: int = 1024
+    num_negatives: int = 1024
+    sampler: str = "uniform"
 
 
 @dataclass

@@ -42,6 +42,7 @@ from sicsrec.engine import Engine, RunCheckpoint, build_engine
 from sicsrec.evaluate import evaluate
 from sicsrec.models.gru4rec import GRU4Rec
 from sicsrec.models.sasrec import SASRec, SequentialRecommender
+from sicsrec.next_item import NextItemCriterion
 from sicsrec.preemption import PreemptionGuard, exit_for_requeue
 
 log = logging.getLogger(__name__)
@@ -63,17 +64,19 @@ def build_model(cfg: TrainConfig, num_items: int) -> SequentialRecommender:
 
 class NextItemLoss(nn.Module):
     """Wraps a recommender for DDP/DeepSpeed: (inputs, targets) -> (CE sum, number of targets).
-    Target 0 marks padding: never a target; the padding item's logit is -inf in `logits`."""
+    Target 0 marks padding: never a target; the padding item is never a candidate. `criterion`
+    (sicsrec.next_item) says how the CE against `recommender.item_table()` is computed
+    (`train_id.loss`: full | chunked | sampled); None = full, the exact full-softmax CE."""
 
-    def __init__(self, recommender: SequentialRecommender):
+    def __init__(self, recommender: SequentialRecommender, criterion: NextItemCriterion | None = None):
         super().__init__()
         self.recommender = recommender
+        self.criterion = criterion or NextItemCriterion()
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
         hidden = self.recommender.hidden_states(inputs)
-        real = targets != 0
-        logits = self.recommender.logits(hidden[real])
-        return F.cross_entropy(logits, targets[real], reduction="sum"), real.sum()
+        ce_sum, count, _ = self.criterion(hidden, self.recommender.item_table(), targets)
+        return ce_sum, count
 
 
 def _all_sum(values: torch.Tensor) -> torch.Tensor:
@@ -110,6 +113,8 @@ class StepLog:
 
 
 class Trainer:
+    config_section = "train_id"  # where `cfg` sits in the config (named in errors); subclasses override
+
     def __init__(self, cfg: TrainConfig, dataset: PreparedDataset, out_dir: Path, seed: int, env, run_id: str):
         if cfg.batch_size % env.world_size:
             raise ValueError(f"train_id.batch_size {cfg.batch_size} is not divisible by the world size {env.world_size}")
@@ -121,6 +126,8 @@ class Trainer:
             raise ValueError("no user has >= 2 training items: nothing to train on")
         torch.manual_seed(seed)  # the same initial weights on every rank
         self.model, loss_module = self.build()
+        # how the loss module computes its next-item CE (`<section>.loss`; sicsrec.next_item)
+        loss_module.criterion = NextItemCriterion.from_config(cfg, dataset, self.config_section)
         trainable = [p for p in loss_module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.engine = build_engine(loss_module, optimizer, env, cfg.engine,

@@ -62,6 +62,7 @@ from shards.prepared import PreparedDataset
 from sicsrec.config import SICSRecConfig
 from sicsrec.losses import concl_loss
 from sicsrec.models.sicsrec import SICSRec, SICSRecVariant, freeze_with_lora
+from sicsrec.next_item import criterion_of
 from sicsrec.train import Trainer, load_id_encoder
 
 
@@ -87,8 +88,8 @@ class SICSRecLoss(nn.Module):
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
         model = self.recommender
         hidden = model.hidden_states(inputs)
-        real = targets != 0
-        ce_sum = F.cross_entropy(model.logits(hidden[real]), targets[real], reduction="sum")
+        # `criterion` (set by the Trainer from sicsrec.train.loss): full | chunked | sampled
+        ce_sum, count, _ = criterion_of(self)(hidden, model.item_table(), targets)
         extra = hidden.new_zeros(())
         if self.alpha > 0:
             last = targets[:, -1]  # windows end at their last item: the last target is always real
@@ -97,7 +98,7 @@ class SICSRecLoss(nn.Module):
         theta = self.regularized() if self.reg > 0 else []
         if theta:
             extra = extra + self.reg * sum(p.pow(2).sum() for p in theta)
-        return ce_sum, real.sum(), extra
+        return ce_sum, count, extra
 
 
 SIMILARITIES = ("cosine", "inner")
@@ -179,6 +180,7 @@ def build_step2_model(cfg: SICSRecConfig, id_encoder, tables: dict, phase: str =
 
 
 class SICSRecTrainer(Trainer):
+    config_section = "sicsrec.train"
     """Step 2 on the step-1 Trainer. `phase` (content strategies only): "content" = phase 1, "id" =
     phase 2, which starts from `init_state` (phase 1's best weights). A step 2 that starts as a
     trained model (`starts_at_step1`) has its start evaluated and selectable (Trainer.starts_trained)."""

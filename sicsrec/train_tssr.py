@@ -59,6 +59,7 @@ from sicsrec.encoders import NO_IMAGE, ContentEncoder, ImageEncoder, TextEncoder
 from sicsrec.evaluate import evaluate
 from sicsrec.losses import gather_rows, gather_sizes, item_contrastive_loss, user_contrastive_loss
 from sicsrec.models.tssr import TSSR
+from sicsrec.next_item import criterion_of
 from sicsrec.train import Trainer
 from sicsrec.train_sicsrec import load_embedding_cache
 
@@ -264,8 +265,8 @@ class TSSRLoss(nn.Module):
             raise RuntimeError("TSSRLoss: no batch fed before the forward (call feed(batch) first)")
         c, model = self.cfg, self.recommender
         out = model(inputs, batch["content_ids"], model.content_features(batch))
-        real = targets != 0
-        ce_sum = F.cross_entropy(model.tssr.logits(out.fused[real]), targets[real], reduction="sum")
+        # `criterion` (set by the Trainer from tssr.train.loss): full | chunked | sampled
+        ce_sum, count, _ = criterion_of(self)(out.fused, model.tssr.item_table(), targets)
         extra = ce_sum.new_zeros(())
         if c.lambda_u > 0:
             extra = extra + c.lambda_u * user_contrastive_loss(
@@ -273,7 +274,7 @@ class TSSRLoss(nn.Module):
         if c.lambda_i > 0:
             extra = extra + c.lambda_i * item_contrastive_loss(
                 out.id_states, out.content_states, out.id_emb, out.content_emb, inputs, c.temperature_i)
-        return c.lambda_ce * ce_sum, real.sum(), extra
+        return c.lambda_ce * ce_sum, count, extra
 
 
 def build_recommender(cfg: TSSRConfig, num_items: int, source: ContentEncoder | dict) -> TSSRRecommender:
@@ -393,6 +394,7 @@ class StreamedEpoch:
 
 
 class TSSRTrainer(Trainer):
+    config_section = "tssr.train"
     def __init__(self, cfg: TSSRConfig, source: ContentEncoder | dict, store: ItemStore | None,
                  shard_dir: str | Path, *args):
         check_config(cfg)

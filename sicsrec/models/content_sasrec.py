@@ -62,9 +62,6 @@ class ContentSASRec(PositionalTransformer):
     def input_embeddings(self, items: torch.Tensor) -> torch.Tensor:
         return self.item_representations(items)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        table = self.item_representations()
-        with torch.autocast(hidden.device.type, enabled=False):
-            scores = hidden.float() @ table.float().T
-        scores[..., 0] = float("-inf")
-        return scores
+    def item_table(self) -> torch.Tensor:
+        """[N+1, d] every item's representation (the tied scoring table; `logits` uses it)."""
+        return self.item_representations()

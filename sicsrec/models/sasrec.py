@@ -107,10 +107,16 @@ class SequentialRecommender(nn.Module):
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         return self.hidden_states(items)
 
+    def item_table(self) -> torch.Tensor:
+        """[N+1, d] the output item table that `logits` (and the training CE) score against; row 0
+        is padding. Here the tied input embedding table."""
+        return self.item_emb.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., N+1] fp32 scores h . e_item; padding item 0 is never a candidate (-inf)."""
+        table = self.item_table()
         with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits: bf16 would tie many items
-            scores = hidden.float() @ self.item_emb.weight.float().T
+            scores = hidden.float() @ table.float().T
         scores[..., 0] = float("-inf")
         return scores
 

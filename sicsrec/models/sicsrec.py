@@ -210,6 +210,10 @@ class SICSRec(nn.Module):
     def sequence_repr(self, items: torch.Tensor) -> torch.Tensor:
         return self.hidden_states(items)[:, -1]
 
+    def item_table(self) -> torch.Tensor:
+        """[N+1, d] the ID encoder's item table: h_a . e_id (eq. 16) at train and test time."""
+        return self.id_encoder.item_table()
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.id_encoder.logits(hidden)
 

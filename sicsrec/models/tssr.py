@@ -82,10 +82,15 @@ class TSSR(nn.Module):
         fused = gate * cross_id + (1 - gate) * cross_con
         return TSSROutput(fused, f_id, f_con, id_emb, content_emb, real)
 
+    def item_table(self) -> torch.Tensor:
+        """[N+1, d] the ID table M_id that `logits` (and the training CE) score against."""
+        return self.item_emb.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., N+1] fp32 scores F . M_id; padding item 0 is never a candidate (-inf)."""
+        table = self.item_table()
         with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits: bf16 would tie many items
-            scores = hidden.float() @ self.item_emb.weight.float().T
+            scores = hidden.float() @ table.float().T
         scores[..., 0] = float("-inf")
         return scores
 
