@@ -149,18 +149,22 @@ class Trainer:
         return model, NextItemLoss(model)
 
     def evaluate(self, split: str) -> dict:
-        """Full-ranking Hit/NDCG@5,10,20 on `split` (valid | test), sharded over ranks."""
+        """Full-ranking Hit/NDCG@5,10,20 on `split` (valid | test), users sharded over ranks, the
+        items scored against the model's item table in blocks of `eval_item_chunk`; validation on
+        a fixed sample of `eval_users` users if set. Ranks make equal forward calls (ZeRO-3)."""
         engine, model, cfg = self.engine, self.model, self.cfg
         engine.eval()
 
-        def score_fn(histories: torch.Tensor) -> torch.Tensor:
+        def user_fn(histories: torch.Tensor) -> torch.Tensor:
             with engine.autocast():
-                hidden = model.sequence_repr(histories)
-            return model.logits(hidden)
+                return model.sequence_repr(histories)
 
-        with engine.gathered():
-            return evaluate(score_fn, self.dataset, split, cfg.max_len, cfg.eval_batch_size,
-                            mask_history=cfg.mask_history, device=engine.device, progress=self.env.is_main)
+        with engine.gathered(), torch.no_grad():
+            return evaluate(user_fn, self.dataset, split, cfg.max_len, cfg.eval_batch_size,
+                            mask_history=cfg.mask_history, device=engine.device, progress=self.env.is_main,
+                            item_table=model.item_table(), item_chunk=cfg.eval_item_chunk,
+                            user_sample=cfg.eval_users if split == "valid" else 0,
+                            equal_batches=True if engine.zero_stage == 3 else None)
 
     def resume(self, restart: bool = False) -> None:
         """Continue from this run's checkpoint, if any; `restart` (--force) trains from scratch."""

@@ -455,19 +455,24 @@ class TSSRTrainer(Trainer):
         return table
 
     def evaluate(self, split: str) -> dict:
-        """Full ranking over all items (shared `evaluate`), the items' content encoded once."""
+        """Full ranking over all items (shared `evaluate`: the ID table M_id scored in blocks of
+        `eval_item_chunk`, validation on `eval_users` sampled users if set), the items' content
+        encoded once."""
         engine, model, cfg = self.engine, self.model, self.cfg
         engine.eval()
-        with engine.gathered():
+        with engine.gathered(), torch.no_grad():
             table = self.item_features()
 
-            def score_fn(histories: torch.Tensor) -> torch.Tensor:
+            def user_fn(histories: torch.Tensor) -> torch.Tensor:
                 with engine.autocast():
                     fused = model.tssr(histories, table[histories].to(model.tssr.content_proj.weight.dtype)).fused
-                return model.tssr.logits(fused[:, -1])
+                return fused[:, -1]
 
-            return evaluate(score_fn, self.dataset, split, cfg.max_len, cfg.eval_batch_size,
-                            mask_history=cfg.mask_history, device=engine.device, progress=self.env.is_main)
+            return evaluate(user_fn, self.dataset, split, cfg.max_len, cfg.eval_batch_size,
+                            mask_history=cfg.mask_history, device=engine.device, progress=self.env.is_main,
+                            item_table=model.tssr.item_table(), item_chunk=cfg.eval_item_chunk,
+                            user_sample=cfg.eval_users if split == "valid" else 0,
+                            equal_batches=True if engine.zero_stage == 3 else None)
 
     def summary(self) -> dict:
         """Run facts for metrics.json: content mode, batch sizes, steps, memory of every rank."""
