@@ -189,9 +189,10 @@ class Trainer:
         return [(len(b), functools.partial(local, b)) for b in batches]
 
     def train_epoch(self, epoch: int, tb, guard: PreemptionGuard | None = None) -> dict:
-        """One epoch of steps. After each step every rank asks `guard` whether to stop; if so the
-        position (batches done, partial sums) goes into the checkpoint and the process exits for
-        requeue. A resumed epoch skips the batches done without calling their make_batch."""
+        """One epoch of steps. After each optimizer step (never inside a gradient accumulation)
+        every rank asks `guard` whether to stop; if so the position (batches done, partial sums)
+        goes into the checkpoint and the process exits for requeue. A resumed epoch skips the
+        batches done without calling their make_batch."""
         env = self.env
         batches = self.epoch_batches(epoch)
         position = self.state["position"] if (self.state["position"] or {}).get("epoch") == epoch else {}
@@ -223,7 +224,7 @@ class Trainer:
                 if tb:
                     tb.add_scalar("train/loss", step_loss, self.state["step"])
                 step_log.write({"epoch": epoch, "step": self.state["step"], "loss": step_loss})
-                if guard is not None and guard.should_stop(self.state["step"]):
+                if guard is not None and self._preempted(guard, index):
                     bar.close()
                     sums["seconds"] += time.time() - start
                     self.state["position"] = {"epoch": epoch, "batches": index + 1, **sums}
@@ -233,6 +234,12 @@ class Trainer:
         seconds = sums["seconds"] + time.time() - start
         return {"loss": sums["loss_sum"] / max(sums["targets"], 1), "extra_loss": sums["extra_sum"] / max(len(batches), 1),
                 "seconds": seconds, "sequences": sums["sequences"], "targets": sums["targets"]}
+
+    def _preempted(self, guard: PreemptionGuard, index: int) -> bool:
+        """Collective, at optimizer-step boundaries only: a checkpoint never holds half-accumulated
+        gradients. `index` is the micro batch just done (epochs hold whole accumulations)."""
+        guard.micro_step_done(self.state["step"])
+        return (index + 1) % self.engine.grad_accum == 0 and guard.should_stop()
 
     # A subclass whose model starts trained (SICSRec step 2 at the step-1 function) sets this:
     # fit then evaluates the start before epoch 0 (`evaluate_start`) and may select it as best.

@@ -170,6 +170,46 @@ def test_sft_one_process_preempted_mid_epoch_resumes_exactly(tmp_path, monkeypat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# ------------------------------------------------------------------ TSSR, gradient accumulation
+
+@pytest.mark.slow
+def test_tssr_with_grad_accum_preempted_at_an_odd_micro_step_resumes_exactly(tmp_path, monkeypatch):
+    """The signal arrives after micro step 3 of a grad_accum=2 run: the trainer finishes that
+    optimizer step (micro step 4) before it checkpoints, so the resumed run takes every optimizer
+    step of the uninterrupted one (DeepSpeed, 1 process, cached content)."""
+    import numpy as np
+
+    from sicsrec.train_tssr import train_tssr
+    from test_train_tssr import tiny_tssr
+    from tests.helpers import tiny_synth
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    dataset = tiny_synth(tmp_path)
+    text = np.random.default_rng(0).normal(size=(dataset.num_items + 1, 6)).astype(np.float32)
+    run_stage(tmp_path / "embeddings", "encode", {}, {}, lambda out: np.save(out / "text.npy", text) or {})
+    for name in ("full", "killed"):
+        for stage in ("prepare", "shards", "embeddings"):
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / stage).symlink_to(tmp_path / stage)
+    sets = ("tssr.content=cache", "tssr.use_image=false", "tssr.train.engine=deepspeed", "tssr.train.zero_stage=1",
+            "tssr.grad_accum=2")
+    full = train_tssr(tiny_tssr(tmp_path / "full", *sets))["metrics"]
+    assert (full["micro_steps"], full["optimizer_steps"]) == (12, 6)  # 7 micro batches an epoch -> 6, 2 epochs
+
+    killed = tiny_tssr(tmp_path / "killed", *sets)
+    monkeypatch.setenv(TEST_HOOK_ENV, "3")
+    with pytest.raises(Preempted):
+        train_tssr(killed)
+    monkeypatch.delenv(TEST_HOOK_ENV)
+    assert [r["step"] for r in _log(tmp_path / "killed" / "tssr")] == [1, 2, 3, 4]  # stopped at a boundary
+    torch.manual_seed(12345)
+    resumed = train_tssr(killed)["metrics"]
+    assert (resumed["micro_steps"], resumed["optimizer_steps"]) == (12, 6)
+    assert _log(tmp_path / "killed" / "tssr") == _log(tmp_path / "full" / "tssr")
+    for split in ("valid", "test"):
+        assert resumed[split] == full[split]
+
+
 if __name__ == "__main__":  # a torchrun worker: train | resume-and-reference, then the --set list as JSON
     import logging
 
