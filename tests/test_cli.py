@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
 
 
@@ -9,6 +11,7 @@ def launcher(*args):
     return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_demo_pipeline_prints_stats_and_skips_done_stages(tmp_path):
     """The whole demo pipeline (synth ... train-sicsrec) on a reduced config."""
     args = ["pipeline", "--config", "configs/demo.yaml", "--run-dir", str(tmp_path),

@@ -3,6 +3,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from launcher.dist import DistEnv, detect, expand_nodelist
 
 
@@ -41,6 +43,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_fake_slurm_two_tasks_initialise_gloo():
     """Two processes with only SLURM_* variables (as `srun --ntasks 2` sets them) find each other."""
     with socket.socket() as s:

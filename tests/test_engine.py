@@ -43,6 +43,7 @@ class ImageHead(nn.Module):
         return self.fc(self.conv(images).mean((2, 3))).float().logsumexp(-1).mean()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("native", [False, True])
 def test_deepspeed_bf16_takes_float_inputs_and_matches_autocast(tmp_path, native):
     torch.manual_seed(0)

@@ -148,6 +148,7 @@ def test_transformers_sampling_is_seeded_and_chat_template_used(tmp_path):
     assert set(outcomes) <= {"valid", "none"} and "valid" in outcomes
 
 
+@pytest.mark.slow
 def test_transformers_backend_on_a_ray_actor_matches_single_process(ray_session, tiny_model, tmp_path):
     from llm_labeling.prompt import build_prompts
     from llm_labeling.run import label, read_records

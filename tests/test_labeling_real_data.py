@@ -13,6 +13,7 @@ from shards.prepare import prepare
 FOOD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ninerec" / "Bili_Food"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FOOD.exists(), reason=f"{FOOD} absent (shared datasets not mounted)")
 @pytest.mark.parametrize("title_field", ["english", "chinese"])
 def test_bili_food(ray_session, tmp_path, title_field):

@@ -57,6 +57,7 @@ def shard_files(out: Path) -> dict[str, bytes]:
 CFG = LabelConfig(backend="deterministic", users_per_shard=8, num_actors=2, batch_size=3, max_candidates=6)
 
 
+@pytest.mark.slow
 def test_two_actors_four_shards_one_record_per_eligible_user(ray_session, tmp_path):
     ds = make_dataset(tmp_path)
     metrics = label(CFG, tmp_path / "prepare", tmp_path / "label")
@@ -75,6 +76,7 @@ def test_two_actors_four_shards_one_record_per_eligible_user(ray_session, tmp_pa
                for r in records)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(ray_session, tmp_path):
     make_dataset(tmp_path)
     out = tmp_path / "label"
@@ -101,6 +103,7 @@ def test_killed_run_resumes_to_the_same_result(ray_session, tmp_path):
         "shards_labeled_now"] == 4
 
 
+@pytest.mark.slow
 def test_a_second_driver_connects_to_a_running_cluster(ray_session, tmp_path):
     """`label.ray_address`: a separate driver process uses the existing cluster (as on SLURM)."""
     ds = make_dataset(tmp_path)

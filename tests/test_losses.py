@@ -219,6 +219,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     distributed = torch.load(tmp_path / "results.pt")
@@ -254,6 +255,7 @@ def _local_negatives_worker(rank: int, world: int, port: int, out_dir: str) -> N
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_local_negatives_use_only_this_ranks_rows(tmp_path):
     """`local_negatives=True` (the benchmark's no-all-gather baseline) on each of 2 ranks equals
     a process without any group computing InfoNCE over that rank's rows alone."""

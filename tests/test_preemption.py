@@ -68,6 +68,7 @@ def test_guard_records_signals_and_restores_handlers():
     assert Preempted("x").code == REQUEUE_EXIT_CODE == 75
 
 
+@pytest.mark.slow
 def test_step1_one_process_preempted_by_sigusr1_resumes_exactly(tmp_path):
     _prepare(tmp_path, num_users=37)  # 37 windows, batches of 8: 5 steps per epoch
     sets = _step1_sets(tmp_path, dropout=0.3, engine="single")  # dropout: the RNG state must resume too
@@ -106,6 +107,7 @@ def _torchrun(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_step1_two_ranks_sigterm_to_torchrun_resumes_exactly(tmp_path):
     _prepare(tmp_path, num_users=160)  # 20 steps per epoch: long enough to be signalled mid-run
     sets = json.dumps(_step1_sets(tmp_path, dropout=0.0, engine="ddp", epochs=4))
@@ -140,6 +142,7 @@ def test_step1_two_ranks_sigterm_to_torchrun_resumes_exactly(tmp_path):
 
 # ------------------------------------------------------------------ SFT, 1 process
 
+@pytest.mark.slow
 def test_sft_one_process_preempted_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
     from sicsrec.sft import sft
     from test_sft import tiny_sft, write_labels

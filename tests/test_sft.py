@@ -141,6 +141,7 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_zero2_sft_resumes_to_the_uninterrupted_result(two_rank_run):
     root, _ = two_rank_run
     full = json.loads((root / "full" / "metrics.json").read_text())
@@ -161,6 +162,7 @@ def test_zero2_sft_resumes_to_the_uninterrupted_result(two_rank_run):
     assert any(not torch.equal(a[k], untrained[k]) for k in a)  # SFT changed the weights
 
 
+@pytest.mark.slow
 def test_before_metrics_match_a_single_process_evaluation(two_rank_run):
     from shards.reader import stream
     from sicsrec.encode import embed_items
@@ -174,6 +176,7 @@ def test_before_metrics_match_a_single_process_evaluation(two_rank_run):
     assert got == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_encode_over_two_ranks(two_rank_run):
     root, dataset = two_rank_run
     out = root / "encode"
@@ -190,6 +193,7 @@ def test_encode_over_two_ranks(two_rank_run):
     assert json.loads((out / "encoders.json").read_text())["features"] == reference.extracted_features()
 
 
+@pytest.mark.slow
 def test_zero3_sft_with_grad_accumulation_on_cpu(two_rank_run):
     root, _ = two_rank_run
     m = json.loads((root / "zero3" / "metrics.json").read_text())

@@ -64,6 +64,7 @@ def _port_free(port: int) -> bool:
             return False
 
 
+@pytest.mark.slow
 def test_train_sbatch_forwards_usr1_checkpoints_and_requeues(tmp_path):
     """SLURM's time-limit warning (USR1 to the batch shell) reaches the worker through srun and
     torchrun; the worker checkpoints and the script requeues the job; the requeued job finishes

@@ -9,6 +9,7 @@ NINEREC = SHARED_DATA / "ninerec" / "Bili_Food"
 POSTERS = SHARED_DATA / "movielens-100k-posters"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not NINEREC.exists(), reason=f"{NINEREC} absent (shared datasets not mounted)")
 def test_ninerec_food_matches_paper_table3(tmp_path):
     convert_ninerec(NINEREC, tmp_path / "raw")
@@ -22,6 +23,7 @@ def test_ninerec_food_matches_paper_table3(tmp_path):
     assert ids == ["1", "2", "0", "4", "3"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not POSTERS.exists(), reason=f"{POSTERS} absent (shared datasets not mounted)")
 def test_ml100k_with_posters(tmp_path):
     convert_ml100k(POSTERS, tmp_path / "raw")

@@ -58,6 +58,7 @@ def full_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_full_sweep_writes_table_json_and_plots(full_run, capsys):
     out = full_run / "sweep" / "train-id"
     got = rows(full_run)
@@ -78,6 +79,7 @@ def test_full_sweep_writes_table_json_and_plots(full_run, capsys):
         assert (out / f"sweep_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_and_redoes_a_lost_row(full_run, capsys):
     out = full_run / "sweep" / "train-id"
     before = rows(full_run)
@@ -92,6 +94,7 @@ def test_rerun_skips_finished_runs_and_redoes_a_lost_row(full_run, capsys):
     assert stamps == {b: (out / f"b{b}-sqrt" / "train_id" / "manifest.json").stat().st_mtime_ns for b in (4, 8)}
 
 
+@pytest.mark.slow
 def test_index_runs_and_collect_match_the_full_run(full_run, tmp_path, capsys):
     run = make_run_dir(tmp_path)
     assert sweep(run, "--index", "1") == 0
@@ -120,6 +123,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_under_torchrun(tmp_path):
     run = make_run_dir(tmp_path)
     sets = [a for s in TRAIN for a in ("--set", s)]
@@ -150,6 +154,7 @@ def _job_id_with_free_port() -> int:
     raise RuntimeError("no free port in 15000..35000")
 
 
+@pytest.mark.slow
 def test_sbatch_array_task_and_collect_step_under_fake_slurm(full_run, tmp_path):
     """slurm/sweep_batch.sbatch: array task 1 trains the 2nd batch size (through srun + torchrun),
     the COLLECT=1 step tabulates it; the row equals the in-process full sweep's."""

@@ -115,6 +115,7 @@ def single_run(tmp_path_factory):
     return root, prepared, cfg, metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
 def test_two_ranks_follow_the_single_process_loss_curve(single_run, engine):
     """The 2-rank run is also interrupted after epoch 0 and resumed from its own checkpoint."""

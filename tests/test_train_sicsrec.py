@@ -145,6 +145,7 @@ def _two_ranks(run: Path, **step2) -> dict:
     return got
 
 
+@pytest.mark.slow
 def test_two_ranks_follow_the_single_process_loss_curve(run):
     single = train_sicsrec(overrides(run), force=True)["metrics"]
     expected = _losses(run / "sicsrec")

@@ -164,6 +164,7 @@ def two_rank_run(data):
     return root, dataset
 
 
+@pytest.mark.slow
 def test_zero2_end_to_end_resumes_to_the_uninterrupted_run(two_rank_run):
     root, dataset = two_rank_run
     full = json.loads((root / "full" / "tssr" / "metrics.json").read_text())
@@ -181,6 +182,7 @@ def test_zero2_end_to_end_resumes_to_the_uninterrupted_run(two_rank_run):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_encoders_train_in_the_loop(two_rank_run):
     root, dataset = two_rank_run
     best = torch.load(root / "full" / "tssr" / "best_model.pt", weights_only=True)
@@ -192,6 +194,7 @@ def test_encoders_train_in_the_loop(two_rank_run):
     assert any(k.startswith("content.image.backbone") for k in changed)
 
 
+@pytest.mark.slow
 def test_full_ranking_matches_a_single_process_evaluation(two_rank_run):
     """The 2-rank evaluation (items encoded once, split over ranks, all-gathered) against one
     process encoding every item itself with the best weights."""
@@ -212,6 +215,7 @@ def test_full_ranking_matches_a_single_process_evaluation(two_rank_run):
     assert got == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_steps_the_optimizer_every_other_micro_batch(two_rank_run):
     root, _ = two_rank_run
     m = json.loads((root / "accum" / "tssr" / "metrics.json").read_text())
@@ -247,6 +251,7 @@ if __name__ == "__main__":  # torchrun worker: root
     _worker_runs(Path(sys.argv[1]))
 
 
+@pytest.mark.slow
 def test_memory_benchmark_runs_on_one_cpu_process(tmp_path):
     """benchmarks/tssr_memory.py end to end (1 process, ZeRO 0 and 1, checkpointing on): every row
     holds exactly AdamW's two fp32 moments per parameter (1 rank: ZeRO partitions nothing)."""
