@@ -30,6 +30,11 @@ class SynthConfig:
     max_seq_len: int = 30
     topic_stickiness: float = 0.7  # chance the next item keeps the current topic
     drift: float = 0.1  # chance a user's preferred topic drifts to another at each step
+    popularity_exponent: float = 0.8  # Zipf-like item popularity: weight 1 / rank**exponent
+    # false: the scale-test generator (shards/synth_scale.py): ID + text only, vectorised, 10^6
+    # users and items in a minute or two
+    images: bool = True
+    parquet: bool = False  # write interactions.parquet instead of interactions.csv
 
 
 @dataclass
@@ -42,6 +47,9 @@ class DataConfig:
     # How `prepare` checks image files (shards.images.check_image): header (cheap, default) |
     # full (decode every pixel) | none. An unreadable image is counted and its item has no image.
     validate_images: str = "header"
+    # Run prepare's per-interaction work on this Ray cluster ("auto" or host:port; empty: locally).
+    # Same result either way, so it is not part of the stage's fingerprint.
+    ray_address: str = ""
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
@@ -177,6 +185,7 @@ RANGES = {
     "jpeg_quality": Range(1, 100),
     "num_users": AT_LEAST_1, "num_items": AT_LEAST_1, "num_topics": AT_LEAST_1, "min_seq_len": Range(2),
     "max_seq_len": Range(2), "topic_stickiness": PROBABILITY, "drift": PROBABILITY,
+    "popularity_exponent": AT_LEAST_0,
     "max_candidates": AT_LEAST_1, "max_title_chars": AT_LEAST_1, "num_actors": AT_LEAST_1,
     "max_new_tokens": AT_LEAST_1, "tensor_parallel_size": AT_LEAST_1, "max_restarts": AT_LEAST_0,
     "loss_chunk": AT_LEAST_1, "num_negatives": AT_LEAST_1, "eval_item_chunk": AT_LEAST_0, "eval_users": AT_LEAST_0,

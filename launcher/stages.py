@@ -41,9 +41,12 @@ def _raw_source(cfg: Config) -> tuple[Path, dict]:
     if fmt == "synth":
         return _stage_dir(cfg, "synth"), {"synth": _upstream(cfg, "synth")}
     if fmt == "canonical":
+        from shards.canonical import interactions_path
+
         if not src:
-            raise ValueError("data.format=canonical needs data.source (a folder with items.jsonl, interactions.csv)")
-        return Path(src), {"source": hash_files([Path(src) / "items.jsonl", Path(src) / "interactions.csv"])}
+            raise ValueError("data.format=canonical needs data.source (a folder with items.jsonl and "
+                             "interactions.csv or interactions.parquet)")
+        return Path(src), {"source": hash_files([Path(src) / "items.jsonl", interactions_path(src)])}
     raw = _stage_dir(cfg, "raw")
     if raw.exists():
         shutil.rmtree(raw)
@@ -59,16 +62,15 @@ def _raw_source(cfg: Config) -> tuple[Path, dict]:
 
 
 def prepare(cfg: Config, force: bool = False) -> dict:
-    from shards.canonical import read_canonical
-    from shards.prepare import prepare as prepare_dataset, stats_table
+    from shards.prepare import prepare_dir, prepare_ray, stats_table
 
     source, inputs = _raw_source(cfg)
-    section = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "synth"}
+    section = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("synth", "ray_address")}
 
     def body(out: Path) -> dict:
-        ds = prepare_dataset(read_canonical(source, cfg.data.validate_images), cfg.data.kcore)
-        ds.save(out)
-        return ds.stats
+        if cfg.data.ray_address:
+            return prepare_ray(source, out, cfg.data.kcore, cfg.data.validate_images, cfg.data.ray_address)
+        return prepare_dir(source, out, cfg.data.kcore, cfg.data.validate_images)
 
     manifest = run_stage(_stage_dir(cfg, "prepare"), "prepare", section, inputs, body, force)
     print(f"\nDataset statistics ({cfg.run_dir}/prepare/stats.json; % of each section's total)\n"

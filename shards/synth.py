@@ -75,7 +75,12 @@ def draw_item_image(topic: int, rng: random.Random, size: int) -> Image.Image:
 
 
 def synthesize(cfg: SynthConfig, out: str | Path) -> dict:
-    """Write the dataset to `out` (items.jsonl, images/, interactions.csv); returns counts."""
+    """Write the dataset to `out` (items.jsonl, images/, interactions.csv); returns counts.
+    cfg.images=false writes the image-less scale-test dataset instead (shards/synth_scale.py)."""
+    if not cfg.images:
+        from shards.synth_scale import synthesize_scale
+
+        return synthesize_scale(cfg, out)
     if cfg.num_topics > len(TOPICS) or cfg.num_topics < 2:
         raise ValueError(f"num_topics must be in 2..{len(TOPICS)}, got {cfg.num_topics}")
     if cfg.num_items < 2 * cfg.num_topics:
@@ -110,7 +115,8 @@ def synthesize(cfg: SynthConfig, out: str | Path) -> dict:
         items.append({"item_id": item_id, "title": title, "image": image})
 
     by_topic = [[i for i, t in enumerate(topic_of) if t == k] for k in range(cfg.num_topics)]
-    popularity = [nprng.permutation(1.0 / np.arange(1, len(members) + 1) ** 0.8) for members in by_topic]
+    popularity = [nprng.permutation(1.0 / np.arange(1, len(members) + 1) ** cfg.popularity_exponent)
+                  for members in by_topic]
     popularity = [p / p.sum() for p in popularity]
     successor = [rng.choice(by_topic[topic_of[i]]) for i in range(cfg.num_items)]
 
@@ -132,5 +138,5 @@ def synthesize(cfg: SynthConfig, out: str | Path) -> dict:
             clock += rng.randint(60, 86_400)
             rows.append((f"u{u:05d}", items[item]["item_id"], clock))
             prev = item
-    write_canonical(out, items, rows)
+    write_canonical(out, items, rows, parquet=cfg.parquet)
     return {"items": len(items), "users": cfg.num_users, "interactions": len(rows)}

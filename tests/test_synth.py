@@ -41,3 +41,44 @@ def test_content_carries_the_topic(tmp_path):
             total += 1
     assert hits / total > 0.85
     assert sum(1 for it in data.items.values() if it.image is None) >= 1  # some items lack images on purpose
+
+
+SCALE = SynthConfig(seed=2, num_users=2000, num_items=300, num_topics=6, images=False, min_seq_len=5, max_seq_len=25)
+
+
+def test_scale_mode_is_deterministic_and_canonical(tmp_path):
+    from shards.canonical import read_columns
+
+    counts = synthesize(SCALE, tmp_path / "a")
+    synthesize(SCALE, tmp_path / "b")
+    for name in ["items.jsonl", "interactions.csv"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert not (tmp_path / "a" / "images").exists()
+    data = read_canonical(tmp_path / "a")
+    assert counts == {"items": 300, "users": 2000, "interactions": len(data.interactions)}
+    assert 5 * 2000 <= len(data.interactions) <= 25 * 2000
+    assert all(it.image is None and it.title for it in data.items.values())
+    assert [x.timestamp for x in data.interactions] == sorted(x.timestamp for x in data.interactions)  # a log
+    synthesize(SynthConfig(**{**vars(SCALE), "parquet": True}), tmp_path / "p")
+    assert not (tmp_path / "p" / "interactions.csv").exists()
+    a, p = read_columns(tmp_path / "a").interactions, read_columns(tmp_path / "p").interactions
+    assert a.user_ids == p.user_ids and (a.items == p.items).all() and (a.timestamps == p.timestamps).all()
+
+
+def test_scale_mode_has_popularity_skew_topics_and_successors(tmp_path):
+    synthesize(SCALE, tmp_path)
+    data = read_canonical(tmp_path)
+    popularity = np.sort(np.unique([x.item_id for x in data.interactions], return_counts=True)[1])[::-1]
+    assert popularity[:15].sum() > 0.15 * popularity.sum()  # the top 5% of items: over 15% of interactions
+    topics = {i: topic_of_title(it.title) for i, it in data.items.items()}
+    by_user = {}
+    for x in data.interactions:  # already in time order
+        by_user.setdefault(x.user_id, []).append(x.item_id)
+    pairs = [(a, b) for seq in by_user.values() for a, b in zip(seq, seq[1:])]
+    assert np.mean([topics[a] == topics[b] for a, b in pairs]) > 0.6  # chance: 1/6
+    # each item's most frequent next item (its successor) follows it far more often than by chance
+    nexts = {}
+    for a, b in pairs:
+        nexts.setdefault(a, []).append(b)
+    share = [np.unique(v, return_counts=True)[1].max() / len(v) for v in nexts.values() if len(v) >= 20]
+    assert np.mean(share) > 0.27  # 0.33 here; 0.16 without successors
