@@ -275,9 +275,8 @@ class BadRow(ValueError):
 def encode_table(table, item_ids, user_ids) -> dict[str, np.ndarray]:
     """Check and encode a pyarrow table of interactions (columns user_id, item_id: strings;
     timestamp: strings or integers): {"users", "items", "timestamps"}, codes into the pyarrow
-    string arrays `user_ids` and `item_ids`. The first row
-    that breaks a rule raises BadRow; at one row the item is checked first, then the user, then
-    the time, as read_interactions does."""
+    string arrays `user_ids` and `item_ids`. The first row that breaks a rule raises BadRow; at
+    one row the item is checked first, then the user, then the time, as read_interactions does."""
     import pyarrow.compute as pc
 
     user, item, timestamp = (table.column(c) for c in COLUMNS)
@@ -318,8 +317,8 @@ def _timestamps(column) -> tuple[np.ndarray, int | None]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if pa.types.is_integer(column.type):  # Parquet
-        return _numpy(column.fill_null(0)).astype(np.float64), _first(pc.is_null(column))
+    if pa.types.is_integer(column.type):  # Parquet (without nulls: see string_columns)
+        return _numpy(column).astype(np.float64), None
     if pc.all(pc.match_substring_regex(column, r"^-?[0-9]{1,18}$")).as_py():  # (pyarrow's cast also takes 0x..)
         return _numpy(pc.cast(column, pa.int64())).astype(np.float64), None
     distinct = pc.unique(column)
@@ -413,8 +412,9 @@ def string_columns(table):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    columns = [c if name == "timestamp" and pa.types.is_integer(c.type) else pc.cast(c, pa.string()).fill_null("")
-               for name, c in zip(COLUMNS, table.select(list(COLUMNS)).columns)]
+    table = table.select(list(COLUMNS))
+    columns = [c if name == "timestamp" and pa.types.is_integer(c.type) and not c.null_count
+               else pc.cast(c, pa.string()).fill_null("") for name, c in zip(COLUMNS, table.columns)]
     return pa.table(dict(zip(COLUMNS, columns)))
 
 

@@ -106,6 +106,13 @@ def test_parquet_errors_name_the_row(tmp_path):
     write_canonical(tmp_path / "d", items, [("u", "a", 1), ("u", "zz", 2)], parquet=True)
     with pytest.raises(DatasetError, match=r"interactions.parquet: row 2: unknown item_id 'zz'"):
         read_columns(tmp_path / "d")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"user_id": [1, 2], "item_id": ["a", "a"], "timestamp": pa.array([5, None], pa.int64())}),
+                   tmp_path / "d" / "interactions.parquet")  # integer ids are read as strings
+    with pytest.raises(DatasetError, match=r"row 2: timestamp '' is neither integer seconds nor ISO 8601"):
+        read_columns(tmp_path / "d")
     write_canonical(tmp_path / "d", items, [("u", "a", 1)])
     with pytest.raises(DatasetError, match="both interactions.csv and interactions.parquet"):
         read_columns(tmp_path / "d")
