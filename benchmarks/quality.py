@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from launcher.config import Config, load_config, to_dict  # noqa: E402
-from launcher.rundir import read_manifest, write_json  # noqa: E402
+from sicsrec.runtime.rundir import read_manifest, write_json  # noqa: E402
 
 KEYS = [f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)]
 UPSTREAM = ["prepare", "shard", "label", "sft", "encode"]

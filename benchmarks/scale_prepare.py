@@ -34,8 +34,8 @@ FILES = ("items.jsonl", "sequences.jsonl", "stats.json")
 
 
 def child(step: str, users: int, items: int, folder: Path, kcore: int) -> dict:
-    from launcher.config import SynthConfig
     from shards.canonical import read_canonical
+    from shards.config import SynthConfig
     from shards.prepare import prepare_dir, prepare_python
     from shards.synth import synthesize
 

@@ -75,10 +75,10 @@ def use_local_negatives() -> None:
 
 def stage_worker(args) -> None:
     """One measured stage run (under torchrun)."""
-    from launcher import dist as distenv
     from launcher.config import load_config
     from launcher.stages import STAGES
     from launcher.sweep import SWEEP_STAGES, link_upstream, with_batch
+    from sicsrec.runtime import dist as distenv
 
     if args.local_negatives:
         use_local_negatives()
@@ -108,8 +108,8 @@ def infonce_worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from launcher import dist as distenv
     from sicsrec.losses import info_nce
+    from sicsrec.runtime import dist as distenv
 
     env = distenv.init(distenv.detect())
     rows = []

@@ -51,10 +51,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported anywhere
 os.environ.setdefault("DS_BUILD_OPS", "0")
 
-from launcher import dist as distenv  # noqa: E402
 from sicsrec.config import EncoderConfig, TSSRConfig  # noqa: E402
 from sicsrec.encoders import _set_grad_checkpointing, build_content_encoder  # noqa: E402
 from sicsrec.engine import build_engine  # noqa: E402
+from sicsrec.runtime import dist as distenv  # noqa: E402
 from sicsrec.train_tssr import (ItemInputs, ItemStore, TSSRCollate, TSSRLoss, all_ranks,  # noqa: E402
                                 build_recommender, current_rss_mb, optimizer_state_mb, peak_memory_mb,
                                 reset_peak_memory)

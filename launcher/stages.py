@@ -1,5 +1,5 @@
 """The pipeline's stages. Each reads its inputs from the run directory, writes its outputs and
-a manifest (launcher.rundir), and is skipped when its manifest matches (config + inputs)."""
+a manifest (sicsrec.runtime.rundir), and is skipped when its manifest matches (config + inputs)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from launcher.config import Config
-from launcher.rundir import hash_files, read_manifest, run_stage
+from sicsrec.runtime.rundir import hash_files, read_manifest, run_stage
 
 
 def _stage_dir(cfg: Config, name: str) -> Path:

@@ -31,9 +31,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import dist as distenv
 from launcher.config import Config
-from launcher.rundir import read_manifest, write_json
+from sicsrec.runtime import dist as distenv
+from sicsrec.runtime.rundir import read_manifest, write_json
 
 log = logging.getLogger(__name__)
 RULES = ("none", "linear", "sqrt")

@@ -20,12 +20,12 @@ import time
 from collections import Counter, deque
 from pathlib import Path
 
-from launcher.rundir import hash_files
 from llm_labeling.backends import BACKENDS, build_engine
 from llm_labeling.config import LabelConfig
 from llm_labeling.parse import OUTCOMES, parse_answer
 from llm_labeling.prompt import Prompt, build_prompts, clean_title
 from shards.prepared import PreparedDataset
+from sicsrec.runtime.rundir import hash_files
 
 log = logging.getLogger(__name__)
 

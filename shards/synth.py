@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from launcher.config import SynthConfig
 from shards.canonical import write_canonical
+from shards.config import SynthConfig
 
 TOPICS = [
     ("ocean", (30, 90, 200), "circle", ["coral", "tide", "wave", "harbor", "reef", "sail", "anchor", "lagoon", "shell", "current"]),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.config import SynthConfig
+from shards.config import SynthConfig
 from shards.synth import STYLE_WORDS, TOPICS
 
 SUCCESSOR_PROB = 0.3

@@ -19,7 +19,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from launcher.config import ShardConfig
+from shards.config import ShardConfig
 from shards.images import decode_rgb
 from shards.prepared import PreparedDataset
 

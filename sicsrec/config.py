@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass
@@ -172,3 +173,16 @@ class TSSRConfig:
     num_workers: int = 0  # data-loader workers per rank (decode + transform + tokenise the step's items)
     encode_batch_size: int = 64  # items per forward when encoding every item for evaluation
     train: TrainConfig = field(default_factory=_tssr_training)
+
+
+class RunConfig(Protocol):
+    """What the stage-level trainers in sicsrec/ (train_sicsrec, train_content, train_tssr) read
+    from the run's config tree: the run directory, the seed and this module's sections.
+    launcher.config.Config satisfies it structurally (tests/test_layers.py checks that), so
+    sicsrec/ never imports the launcher that sits above it."""
+    run_dir: str
+    seed: int
+    train_id: TrainConfig
+    sft: SFTConfig
+    sicsrec: SICSRecConfig
+    tssr: TSSRConfig

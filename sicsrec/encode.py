@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from launcher import dist as distenv
-from launcher.rundir import read_manifest, run_stage, stage_fingerprint
 from shards.prepared import PreparedDataset
 from shards.reader import stream
 from sicsrec.config import EncodeConfig, EncoderConfig
 from sicsrec.encoders import ContentEncoder, build_content_encoder
 from sicsrec.engine import resolve_precision
+from sicsrec.runtime import dist as distenv
+from sicsrec.runtime.rundir import read_manifest, run_stage, stage_fingerprint
 
 log = logging.getLogger(__name__)
 

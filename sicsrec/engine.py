@@ -17,7 +17,7 @@ with a warning, and one that finds none readable says so, naming the file (--for
 DeepSpeed reads a JSON config (default `ds_config.json` at the repository root) whose "auto"
 values are filled here: micro batch, gradient accumulation, global batch, clipping and bf16.
 On CPU, DeepSpeed needs DS_ACCELERATOR=cpu (set here before it is imported) and a torch
-optimizer (`zero_allow_untested_optimizer`); it uses the gloo group that launcher.dist created.
+optimizer (`zero_allow_untested_optimizer`); it uses the gloo group that sicsrec.runtime.dist created.
 Gradient accumulation > 1 is DeepSpeed's job; the single and DDP engines step every micro batch.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launcher.dist import DistEnv, device as env_device
+from sicsrec.runtime.dist import DistEnv, device as env_device
 
 KINDS = ("auto", "single", "ddp", "deepspeed")
 REPO = Path(__file__).resolve().parents[1]
@@ -320,7 +320,8 @@ def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, env: DistE
         return Engine(module, optimizer, kind, env, device, dtype, module, grad_clip=grad_clip)
     if kind == "ddp":
         if not dist.is_initialized():
-            raise RuntimeError("engine=ddp needs torch.distributed initialised (launcher.dist.init) under torchrun")
+            raise RuntimeError("engine=ddp needs torch.distributed initialised (sicsrec.runtime.dist.init) "
+                               "under torchrun")
         wrapped = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
         return Engine(module, optimizer, kind, env, device, dtype, wrapped, grad_clip=grad_clip)
 
@@ -355,7 +356,7 @@ class RunCheckpoint:
         one written by another config is discarded with a warning."""
         import shutil
 
-        from launcher.dist import barrier
+        from sicsrec.runtime.dist import barrier
 
         stale = self.stamp.exists() and self.stamp.read_text() != self.run_id
         if (restart or stale) and self.env.is_main and self.folder.exists():
@@ -369,7 +370,7 @@ class RunCheckpoint:
         return state
 
     def save(self, state: dict) -> None:
-        from launcher.dist import barrier
+        from sicsrec.runtime.dist import barrier
 
         self.engine.save(self.folder, state)
         if self.env.is_main:

@@ -38,7 +38,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from launcher import dist as distenv
+from sicsrec.runtime import dist as distenv
 
 log = logging.getLogger(__name__)
 REQUEUE_EXIT_CODE = 75

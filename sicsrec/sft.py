@@ -39,8 +39,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from launcher import dist as distenv
-from launcher.rundir import fingerprint, hash_files, run_stage, stage_fingerprint, write_json
 from llm_labeling.run import SHARD_GLOB, read_pairs
 from shards.pairs import write_pair_shards
 from shards.prepared import PreparedDataset
@@ -51,6 +49,8 @@ from sicsrec.encoders import ContentEncoder
 from sicsrec.engine import Engine, RunCheckpoint, build_engine
 from sicsrec.losses import sft_loss
 from sicsrec.preemption import SIGNALS, PreemptionGuard, exit_for_requeue
+from sicsrec.runtime import dist as distenv
+from sicsrec.runtime.rundir import fingerprint, hash_files, run_stage, stage_fingerprint, write_json
 from sicsrec.train import StepLog, TrainingInterrupted, trim_log
 
 log = logging.getLogger(__name__)

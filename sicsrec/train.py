@@ -33,8 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from launcher import dist as distenv
-from launcher.rundir import fingerprint, read_manifest, run_stage, stage_fingerprint, write_json
 from shards.prepared import PreparedDataset
 from sicsrec.config import TrainConfig
 from sicsrec.data import collate, epoch_batches, rank_slice, train_windows
@@ -44,6 +42,8 @@ from sicsrec.models.gru4rec import GRU4Rec
 from sicsrec.models.sasrec import SASRec, SequentialRecommender
 from sicsrec.next_item import NextItemCriterion
 from sicsrec.preemption import PreemptionGuard, exit_for_requeue
+from sicsrec.runtime import dist as distenv
+from sicsrec.runtime.rundir import fingerprint, read_manifest, run_stage, stage_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 SELECT_METRIC = "ndcg@10"

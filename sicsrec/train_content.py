@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from launcher import dist as distenv
-from launcher.config import Config
-from launcher.rundir import fingerprint, read_manifest, run_stage
 from shards.prepared import PreparedDataset
+from sicsrec.config import RunConfig
 from sicsrec.models.content_sasrec import VARIANTS, ContentSASRec
+from sicsrec.runtime import dist as distenv
+from sicsrec.runtime.rundir import fingerprint, read_manifest, run_stage
 from sicsrec.train import NextItemLoss, Trainer
 from sicsrec.train_sicsrec import load_embedding_cache
 
@@ -35,7 +35,7 @@ class ContentTrainer(Trainer):
         return model, NextItemLoss(model)
 
 
-def train_content(cfg: Config, variant: str = "content", force: bool = False, use_text: bool = True,
+def train_content(cfg: RunConfig, variant: str = "content", force: bool = False, use_text: bool = True,
                   use_image: bool = True, stop_after_epoch: int | None = None) -> dict:
     """SASRec-Content (variant "content") or SASRec-Hybrid ("hybrid") -> <run_dir>/sasrec_<variant>."""
     if variant not in VARIANTS:

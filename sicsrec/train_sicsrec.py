@@ -55,14 +55,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launcher import dist as distenv
-from launcher.config import Config
-from launcher.rundir import fingerprint, read_manifest, run_stage
 from shards.prepared import PreparedDataset
-from sicsrec.config import SICSRecConfig
+from sicsrec.config import RunConfig, SICSRecConfig
 from sicsrec.losses import concl_loss
 from sicsrec.models.sicsrec import SICSRec, SICSRecVariant, freeze_with_lora
 from sicsrec.next_item import criterion_of
+from sicsrec.runtime import dist as distenv
+from sicsrec.runtime.rundir import fingerprint, read_manifest, run_stage
 from sicsrec.train import Trainer, load_id_encoder
 
 
@@ -221,7 +220,7 @@ def load_embedding_cache(folder: Path) -> dict:
     return tables
 
 
-def train_sicsrec(cfg: Config, force: bool = False, stop_after_epoch: int | None = None) -> dict:
+def train_sicsrec(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None = None) -> dict:
     """Stage `train-sicsrec`: reads <run_dir>/{prepare, train_id, embeddings}, writes <run_dir>/sicsrec."""
     env = distenv.init(distenv.detect())
     run = Path(cfg.run_dir)

@@ -47,12 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from launcher import dist as distenv
-from launcher.config import Config
-from launcher.rundir import fingerprint, read_manifest, run_stage, stage_fingerprint, write_json
 from shards.prepared import PreparedDataset
 from shards.reader import EqualBatches, decode_image, stream
-from sicsrec.config import EncoderConfig, TSSRConfig
+from sicsrec.config import EncoderConfig, RunConfig, TSSRConfig
 from sicsrec.data import collate as collate_windows
 from sicsrec.encode import from_main, initial_encoder
 from sicsrec.encoders import NO_IMAGE, ContentEncoder, ImageEncoder, TextEncoder, _set_grad_checkpointing
@@ -60,6 +57,8 @@ from sicsrec.evaluate import evaluate
 from sicsrec.losses import gather_rows, gather_sizes, item_contrastive_loss, user_contrastive_loss
 from sicsrec.models.tssr import TSSR
 from sicsrec.next_item import criterion_of
+from sicsrec.runtime import dist as distenv
+from sicsrec.runtime.rundir import fingerprint, read_manifest, run_stage, stage_fingerprint, write_json
 from sicsrec.train import Trainer
 from sicsrec.train_sicsrec import load_embedding_cache
 
@@ -493,7 +492,7 @@ def _tuned_encoder_dir(sft_dir: Path) -> Path | None:
     return sft_dir / "encoder" if done else None
 
 
-def train_tssr(cfg: Config, force: bool = False, stop_after_epoch: int | None = None) -> dict:
+def train_tssr(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None = None) -> dict:
     """Stage `train-tssr`: reads <run_dir>/{prepare, shards} (and <run_dir>/sft in end_to_end mode
     when tssr.init_from_sft, <run_dir>/embeddings in cache mode), writes <run_dir>/tssr. A finished
     matching run is skipped unless force; a run with a checkpoint but no manifest resumes.

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.config import ShardConfig, SynthConfig
 from shards.canonical import read_canonical
+from shards.config import ShardConfig, SynthConfig
 from shards.prepare import prepare
 from shards.synth import synthesize
 from shards.writer import write_shards

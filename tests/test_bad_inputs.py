@@ -13,8 +13,8 @@ import webdataset as wds
 from PIL import Image
 
 from launcher.cli import main
-from launcher.config import ShardConfig
 from shards.canonical import DatasetError, read_canonical
+from shards.config import ShardConfig
 from shards.images import check_image
 from shards.prepare import prepare, stats_table
 from shards.prepared import Item, PreparedDataset, UserSequence

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from launcher.config import load_config
-from launcher.rundir import run_stage
 from shards.prepared import PreparedDataset
 from sicsrec.models.content_sasrec import ContentSASRec
+from sicsrec.runtime.rundir import run_stage
 from sicsrec.train_content import train_content
 from tests.test_train_id import TINY, make_dataset
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from launcher.dist import DistEnv, detect, expand_nodelist
+from sicsrec.runtime.dist import DistEnv, detect, expand_nodelist
 
 
 def test_single_process_by_default():
@@ -34,7 +34,7 @@ def test_expand_nodelist():
 
 WORKER = """
 import torch, torch.distributed as dist
-from launcher.dist import init, detect
+from sicsrec.runtime.dist import init, detect
 env = init()
 t = torch.tensor([float(env.rank + 1)])
 dist.all_reduce(t)

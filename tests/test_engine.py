@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from launcher.dist import DistEnv
 from sicsrec.engine import build_engine, load_ds_config
+from sicsrec.runtime.dist import DistEnv
 
 SINGLE = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=0, source="none")
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from launcher.config import load_config
-from launcher.rundir import run_stage
 from sicsrec.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE_ENV, TEST_HOOK_ENV, Preempted, PreemptionGuard
+from sicsrec.runtime.rundir import run_stage
 from sicsrec.train import train_id
 from tests.test_train_id import TINY, make_dataset
 

@@ -6,8 +6,8 @@ import random
 import pytest
 from PIL import Image
 
-from launcher.config import SynthConfig
 from shards.canonical import DatasetError, read_canonical, read_columns, write_canonical
+from shards.config import SynthConfig
 from shards.prepare import kcore, kcore_rows, prepare, prepare_dir, prepare_python, prepare_ray
 from shards.synth import synthesize
 from tests.helpers import SHARED_DATA

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from launcher.config import ConfigError, load_config
-from launcher.dist import DistEnv
-from launcher.rundir import ManifestError, read_manifest, run_stage
 from launcher.stages import _upstream, prepare
 from sicsrec.config import TrainConfig
 from sicsrec.engine import CheckpointError, build_engine
+from sicsrec.runtime.dist import DistEnv
+from sicsrec.runtime.rundir import ManifestError, read_manifest, run_stage
 from sicsrec.train import TrainingInterrupted, train_id
 from tests.test_train_id import TINY, make_dataset
 

@@ -6,7 +6,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from launcher.config import ShardConfig
+from shards.config import ShardConfig
 from shards.prepared import Item, PreparedDataset, UserSequence
 from shards.reader import EqualBatches, load_index, stream
 from shards.writer import item_key, write_shards

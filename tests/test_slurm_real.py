@@ -147,7 +147,7 @@ def _out(job: dict) -> str:
 
 
 def _prepare(root: Path, num_users: int) -> None:
-    from launcher.rundir import run_stage
+    from sicsrec.runtime.rundir import run_stage
 
     run_stage(root / "prepare", "prepare", {}, {}, lambda out: make_dataset(out, num_users=num_users) and {})
 
@@ -309,7 +309,7 @@ def test_sweep_batch_array_job_and_dependent_collect_job(cluster, tmp_path):
 def test_label_sbatch_ray_head_via_srun_labels_like_a_local_run(cluster, tmp_path):
     import tempfile
 
-    from launcher.rundir import run_stage
+    from sicsrec.runtime.rundir import run_stage
     from llm_labeling.config import LabelConfig
     from llm_labeling.run import read_pairs, read_records
     from tests.test_labeling_run import make_dataset as make_label_dataset

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import main
-from launcher.rundir import run_stage
 from launcher.sweep import parse_batch_sizes, scaled_lr
+from sicsrec.runtime.rundir import run_stage
 from tests.test_train_id import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,9 +1,9 @@
 import numpy as np
 from PIL import Image
 
-from launcher.config import SynthConfig
-from shards.synth import TOPICS, synthesize
 from shards.canonical import read_canonical
+from shards.config import SynthConfig
+from shards.synth import TOPICS, synthesize
 
 CFG = SynthConfig(seed=5, num_users=50, num_items=48, num_topics=4, image_size=24)
 

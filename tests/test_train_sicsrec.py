@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from launcher.config import Config, load_config
-from launcher.rundir import read_manifest, run_stage
 from shards.prepared import PreparedDataset
+from sicsrec.runtime.rundir import read_manifest, run_stage
 from sicsrec.train import Trainer, TrainingInterrupted, load_id_encoder, train_id
 from sicsrec.train_sicsrec import train_sicsrec
 from tests.test_train_id import TINY, make_dataset

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from launcher.config import Config, load_config
-from launcher.rundir import run_stage
 from shards.reader import EqualBatches
 from sicsrec.encode import initial_encoder
 from sicsrec.evaluate import evaluate
 from sicsrec.losses import item_contrastive_loss, user_contrastive_loss
+from sicsrec.runtime.rundir import run_stage
 from sicsrec.train import TrainingInterrupted
 from sicsrec.train_tssr import (ItemInputs, ItemStore, TSSRCollate, TSSRLoss, build_recommender, check_config,
                                 train_tssr)

@@ -128,7 +128,7 @@ def run_stage(stage_dir: str | Path, name: str, config_section, inputs: dict,
     folders. work_dir is stage_dir itself, or `.<stage>.next/` while stage_dir holds a finished
     result (see the module docstring).
     """
-    from launcher.dist import barrier
+    from sicsrec.runtime.dist import barrier
 
     stage_dir = Path(stage_dir)
     if is_main:
