@@ -70,13 +70,16 @@ def _free_port_pair() -> int:
 
 
 class Cluster:
-    def __init__(self, env: dict, folder: Path):
-        self.env, self.folder = env, folder
-        self.cpus = int(self.run("sinfo", "-h", "-o", "%c").stdout.split()[0])  # the node's CPUs (nproc)
+    """A cluster of slurm/local_cluster.sh; SLURM commands go through `local_cluster.sh exec`
+    (with several nodes they must run in node1's network namespace)."""
+
+    def __init__(self, env: dict, folder: Path, nodes: int):
+        self.env, self.folder, self.nodes = env, folder, nodes
+        self.cpus = int(self.run("sinfo", "-h", "-o", "%c").stdout.split()[0])  # each node's CPUs (nproc)
 
     def run(self, *cmd: str, **kwargs) -> subprocess.CompletedProcess:
-        done = subprocess.run(list(cmd), env=kwargs.pop("env", self.env), capture_output=True, text=True,
-                              timeout=kwargs.pop("timeout", 60), **kwargs)
+        done = subprocess.run([str(LOCAL_CLUSTER), "exec", *cmd], env=kwargs.pop("env", self.env),
+                              capture_output=True, text=True, timeout=kwargs.pop("timeout", 60), **kwargs)
         assert done.returncode == 0, f"{' '.join(cmd)}: {done.stdout[-2000:]}{done.stderr[-3000:]}"
         return done
 
@@ -107,28 +110,42 @@ class Cluster:
             time.sleep(0.3)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def _local_cluster(folder: Path, nodes: int):
+    """Generator: `local_cluster.sh up --nodes N` (twice: idempotent), yield a Cluster, `down`."""
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    folder = tmp_path_factory.mktemp("slurm")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
     env.update(SLURM_LOCAL_DIR=str(folder), SLURM_LOCAL_PORT=str(_free_port_pair()))
+    up_cmd = [str(LOCAL_CLUSTER), "up", "--nodes", str(nodes)]
     start = time.monotonic()
-    up = subprocess.run([str(LOCAL_CLUSTER), "up"], env=env, capture_output=True, text=True, timeout=180)
-    assert up.returncode == 0, up.stderr[-3000:] + _logs(folder)
-    (conf,) = re.findall(r"^export SLURM_CONF=(\S+)$", up.stdout, re.M)
-    env["SLURM_CONF"] = conf
-    print(f"\nlocal cluster up in {time.monotonic() - start:.1f}s")
-    again = subprocess.run([str(LOCAL_CLUSTER), "up"], env=env, capture_output=True, text=True, timeout=60)
-    assert again.returncode == 0 and "already up" in again.stderr, again.stderr  # idempotent
+    up = subprocess.run(up_cmd, env=env, capture_output=True, text=True, timeout=180)
     try:
-        yield Cluster(env, folder)
+        if up.returncode == 3:  # the script's "this machine cannot do several nodes"
+            pytest.skip(f"a {nodes}-node local cluster needs network namespaces: {up.stderr.strip()}")
+        assert up.returncode == 0, up.stderr[-3000:] + _logs(folder)
+        (conf,) = re.findall(r"^export SLURM_CONF=(\S+)$", up.stdout, re.M)
+        env["SLURM_CONF"] = conf
+        print(f"\nlocal cluster ({nodes} node(s)) up in {time.monotonic() - start:.1f}s")
+        again = subprocess.run(up_cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "already up" in again.stderr, again.stderr  # idempotent
+        yield Cluster(env, folder, nodes)
     finally:
         down = subprocess.run([str(LOCAL_CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=180)
         assert down.returncode == 0, down.stderr
         assert not list((folder / "run").glob("*.pid")), down.stderr
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One node: this host, on loopback."""
+    yield from _local_cluster(tmp_path_factory.mktemp("slurm"), nodes=1)
+
+
+@pytest.fixture(scope="module")
+def cluster2(tmp_path_factory):
+    """Two nodes, each slurmd in its own network namespace (own address, hostname, /etc/hosts)."""
+    yield from _local_cluster(tmp_path_factory.mktemp("slurm2"), nodes=2)
 
 
 def _logs(folder: Path) -> str:
@@ -176,9 +193,32 @@ def _assert_same_metrics(got: dict, expected: dict) -> None:
             assert got[split][name] == pytest.approx(value, abs=1e-6), (split, name)
 
 
-def _submit_train(cluster: Cluster, root: Path) -> str:
-    return cluster.sbatch(f"--cpus-per-task={cluster.cpus}", str(REPO / "slurm" / "train.sbatch"), cwd=root,
-                          env=_train_env(root))
+def _submit_train(cluster: Cluster, root: Path, *args: str, nproc: int = 2) -> str:
+    return cluster.sbatch(f"--cpus-per-task={cluster.cpus}", *args, str(REPO / "slurm" / "train.sbatch"), cwd=root,
+                          env=_train_env(root) | {"NPROC": str(nproc)})
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The plain 1-process run of the same config and global batch: its run directory."""
+    from launcher.config import load_config
+    from sicsrec.train import train_id
+
+    root = tmp_path_factory.mktemp("one_process")
+    _prepare(root, num_users=160)
+    cfg = load_config(CONFIG, _train_sets(root, "single"))
+    train_id(cfg.train_id, root / "prepare", root / "train_id", cfg.seed)
+    assert _metrics(root / "train_id")["world_size"] == 1
+    return root
+
+
+def _assert_matches_one_process(run: Path, one_process: Path) -> None:
+    got = _metrics(run / "train_id")
+    assert got["engine"] == "ddp" and got["world_size"] == 2
+    _assert_same_metrics(got, _metrics(one_process / "train_id"))
+    two_ranks, one = _log(run / "train_id"), _log(one_process / "train_id")
+    assert [r["step"] for r in two_ranks] == [r["step"] for r in one]  # the same loss curve, step by step
+    assert [r["loss"] for r in two_ranks] == pytest.approx([r["loss"] for r in one], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +227,9 @@ def uninterrupted(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
     _prepare(root, num_users=160)
     start = time.monotonic()
-    done = subprocess.run(["sbatch", "--wait", "--parsable", "--gpus-per-node=0", f"--cpus-per-task={cluster.cpus}",
-                           str(REPO / "slurm" / "train.sbatch")], cwd=root, env={**cluster.env, **_train_env(root)},
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([str(LOCAL_CLUSTER), "exec", "sbatch", "--wait", "--parsable", "--gpus-per-node=0",
+                           f"--cpus-per-task={cluster.cpus}", str(REPO / "slurm" / "train.sbatch")], cwd=root,
+                          env={**cluster.env, **_train_env(root)}, capture_output=True, text=True, timeout=300)
     job_id = done.stdout.strip()
     (job,) = cluster.finished(job_id)  # sbatch --wait may return after MinJobAge: not from scontrol
     out = (root / f"sicsrec-train-{job_id}.out").read_text(errors="replace")
@@ -198,20 +238,22 @@ def uninterrupted(cluster, tmp_path_factory):
     return root
 
 
-def test_train_sbatch_two_ranks_match_one_process(uninterrupted):
-    from launcher.config import load_config
-    from sicsrec.train import train_id
+def test_train_sbatch_two_ranks_match_one_process(uninterrupted, one_process):
+    _assert_matches_one_process(uninterrupted, one_process)
 
-    got = _metrics(uninterrupted / "train_id")
-    assert got["engine"] == "ddp" and got["world_size"] == 2
-    cfg = load_config(CONFIG, _train_sets(uninterrupted, "single"))
-    train_id(cfg.train_id, uninterrupted / "prepare", uninterrupted / "reference", cfg.seed)
-    expected = _metrics(uninterrupted / "reference")
-    assert expected["world_size"] == 1
-    _assert_same_metrics(got, expected)
-    two_ranks, one = _log(uninterrupted / "train_id"), _log(uninterrupted / "reference")
-    assert [r["step"] for r in two_ranks] == [r["step"] for r in one]  # the same loss curve, step by step
-    assert [r["loss"] for r in two_ranks] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+
+def test_train_sbatch_on_two_nodes_matches_one_process(cluster2, one_process, tmp_path):
+    """Two "hosts": one torchrun per node through srun, c10d rendezvous at node1's address, gloo
+    between the namespaces; the same metrics as one process, and as 2 ranks on one node."""
+    _prepare(tmp_path, num_users=160)
+    start = time.monotonic()
+    job_id = _submit_train(cluster2, tmp_path, "--nodes=2", nproc=1)
+    (job,) = cluster2.wait(job_id, timeout=240, what="2-node training")
+    out = _out(job)
+    print(f"\ntrain.sbatch (2 nodes x 1 rank): job {_wall(job):.0f}s, test total {time.monotonic() - start:.0f}s")
+    assert job["JobState"] == "COMPLETED" and job["NodeList"] == "node[1-2]", out[-5000:]
+    assert "nodes=2 nproc_per_node=1 rendezvous=node1:" in out
+    _assert_matches_one_process(tmp_path, one_process)
 
 
 def test_train_sbatch_usr1_checkpoints_requeues_and_resumes_exactly(cluster, uninterrupted, tmp_path):
@@ -304,16 +346,26 @@ def test_sweep_batch_array_job_and_dependent_collect_job(cluster, tmp_path):
         assert {k: mine[k] for k in SWEEP_KEYS} == pytest.approx({k: theirs[k] for k in SWEEP_KEYS}, rel=1e-5)
 
 
-# ---------------------------------------------------------------- label.sbatch: Ray head via srun
+# ---------------------------------------------------------------- label.sbatch: Ray head (+ worker) via srun
 
-def test_label_sbatch_ray_head_via_srun_labels_like_a_local_run(cluster, tmp_path):
+@pytest.fixture
+def label_cluster(request):
+    """The two-node cluster (a Ray head and a Ray worker), or one node (the head only) where
+    network namespaces are not available."""
+    try:
+        return request.getfixturevalue("cluster2")
+    except pytest.skip.Exception:
+        return request.getfixturevalue("cluster")
+
+
+def test_label_sbatch_ray_cluster_via_srun_labels_like_a_local_run(label_cluster, tmp_path):
     import tempfile
 
     from sicsrec.runtime.rundir import run_stage
     from llm_labeling.config import LabelConfig
     from llm_labeling.run import read_pairs, read_records
-    from tests.test_labeling_run import make_dataset as make_label_dataset
     from shards.prepared import PreparedDataset
+    from tests.test_labeling_run import make_dataset as make_label_dataset
     from tests.test_labeling_run import reference_records
 
     cfg = LabelConfig(backend="deterministic", users_per_shard=8, batch_size=3, max_candidates=6)
@@ -321,25 +373,33 @@ def test_label_sbatch_ray_head_via_srun_labels_like_a_local_run(cluster, tmp_pat
     ds = PreparedDataset.load(tmp_path / "prepare")
     home = tmp_path / "home"
     home.mkdir()
-    # Loopback only, as in llm_labeling.run.start_local_ray: Ray must not turn 127.0.0.1 into the
-    # host's address, and its processes must not probe cloud metadata (HOME names a provider).
+    # As in llm_labeling.run.start_local_ray: on one node (loopback) Ray must not turn 127.0.0.1
+    # into the host's address, and its processes must not probe cloud metadata (HOME names a
+    # provider). (Two nodes live in network namespaces that reach nothing but each other.)
     (home / "ray_bootstrap_config.yaml").write_text("provider: {type: local}\n")
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay short
     sets = [f"run_dir={tmp_path}", "label.backend=deterministic", f"label.users_per_shard={cfg.users_per_shard}",
             f"label.batch_size={cfg.batch_size}", f"label.max_candidates={cfg.max_candidates}"]
+    cluster, nodes = label_cluster, label_cluster.nodes
     env = dict(CONFIG=str(CONFIG), PYTHON=str(REPO / ".venv" / "bin" / "python"), PYTHONPATH=str(REPO),
-               HOME=str(home), RAY_TMP=str(ray_tmp), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", OMP_NUM_THREADS="1")
+               HOME=str(home), RAY_TMP=str(ray_tmp), OMP_NUM_THREADS="1")
+    if nodes == 1:  # (it also forbids multi-node Ray clusters)
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     start = time.monotonic()
     try:
-        job_id = cluster.sbatch("--nodes=1", f"--cpus-per-task={cluster.cpus}", str(REPO / "slurm" / "label.sbatch"),
-                                *[a for s in sets for a in ("--set", s)], cwd=tmp_path, env=env)
+        job_id = cluster.sbatch(f"--nodes={nodes}", f"--cpus-per-task={cluster.cpus}",
+                                str(REPO / "slurm" / "label.sbatch"), *[a for s in sets for a in ("--set", s)],
+                                cwd=tmp_path, env=env)
         (job,) = cluster.wait(job_id, timeout=240, what="label")
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     out = _out(job)
-    print(f"\nlabel.sbatch (Ray head + driver): job {_wall(job):.0f}s, test total {time.monotonic() - start:.0f}s")
+    print(f"\nlabel.sbatch ({nodes} node(s): Ray head{' + worker' * (nodes > 1)} + driver): job {_wall(job):.0f}s, "
+          f"test total {time.monotonic() - start:.0f}s")
     assert job["JobState"] == "COMPLETED", out[-6000:]
-    assert "Ray head" in out
+    assert re.search(rf"Ray head \S+ \(\S+\), {nodes} node\(s\)", out), out[-3000:]
+    metrics = json.loads((tmp_path / "label" / "manifest.json").read_text())["metrics"]
+    assert metrics["num_actors"] == nodes  # no GPUs: one actor per node, so every node labeled
     records = read_records(tmp_path / "label")
     expected = reference_records(ds, cfg)
     assert records == expected
