@@ -1,18 +1,21 @@
-"""The sbatch scripts on a real one-node SLURM cluster (slurm/local_cluster.sh: munged, slurmctld
-and slurmd on this machine), not under a fake srun/scontrol as in test_slurm.py:
+"""The sbatch scripts on real SLURM clusters on this machine (slurm/local_cluster.sh: munged,
+slurmctld and slurmd(s)), not under a fake srun/scontrol as in test_slurm.py:
 
-- train.sbatch, 2 gloo ranks under srun + torchrun, ends with the test metrics of a plain
+- train.sbatch, 2 gloo ranks under srun + torchrun on one node, and 1 rank on each of two nodes
+  (network namespaces: own address and hostname), ends with the test metrics of a plain
   1-process run on the same global batch;
 - the same job, sent USR1 by SLURM (`scancel --signal=USR1 --batch`, what `--signal=B:USR1@180`
   does before the time limit) once it has logged a step, checkpoints, requeues itself with
   `scontrol requeue`, runs a second time and ends exactly like the uninterrupted job;
 - sweep_batch.sbatch as a real array job plus its dependent (afterany) collect job;
-- label.sbatch: a Ray head started through srun, the labeling driver on the batch host, the
-  same records and pairs as a local run of the deterministic backend.
+- label.sbatch: a Ray head on node1 and a Ray worker on node2 started through srun (the head
+  only, on one node, where network namespaces are unavailable), the labeling driver on the batch
+  host, the same records and pairs as a local run of the deterministic backend.
 
 Needs root and Debian's slurm-wlm + munge (`apt-get install -y slurm-wlm munge`); skipped
-otherwise. The cluster lives in a temporary folder on free ports, so it never meets a cluster
-started by hand with `slurm/local_cluster.sh up`. Each job's wall time is printed (pytest -s).
+otherwise (the two-node tests also skip without network namespaces). Each cluster lives in a
+temporary folder (and its own namespaces) on free ports, so it never meets a cluster started by
+hand with `slurm/local_cluster.sh up`. Each job's wall time is printed (pytest -s).
 """
 from __future__ import annotations
 
