@@ -74,6 +74,16 @@ def draw_item_image(topic: int, rng: random.Random, size: int) -> Image.Image:
     return Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8))
 
 
+def check_sizes(cfg: SynthConfig, min_seq_len: int) -> None:
+    """The topic, item and sequence-length bounds both generators need."""
+    if not 2 <= cfg.num_topics <= len(TOPICS):
+        raise ValueError(f"num_topics must be in 2..{len(TOPICS)}, got {cfg.num_topics}")
+    if cfg.num_items < 2 * cfg.num_topics:
+        raise ValueError(f"num_items ({cfg.num_items}) must be at least 2 x num_topics")
+    if not min_seq_len <= cfg.min_seq_len <= cfg.max_seq_len:
+        raise ValueError(f"need {min_seq_len} <= min_seq_len <= max_seq_len")
+
+
 def synthesize(cfg: SynthConfig, out: str | Path) -> dict:
     """Write the dataset to `out` (items.jsonl, images/, interactions.csv); returns counts.
     cfg.images=false writes the image-less scale-test dataset instead (shards/synth_scale.py)."""
@@ -81,12 +91,7 @@ def synthesize(cfg: SynthConfig, out: str | Path) -> dict:
         from shards.synth_scale import synthesize_scale
 
         return synthesize_scale(cfg, out)
-    if cfg.num_topics > len(TOPICS) or cfg.num_topics < 2:
-        raise ValueError(f"num_topics must be in 2..{len(TOPICS)}, got {cfg.num_topics}")
-    if cfg.num_items < 2 * cfg.num_topics:
-        raise ValueError(f"num_items ({cfg.num_items}) must be at least 2 x num_topics")
-    if not 3 <= cfg.min_seq_len <= cfg.max_seq_len:
-        raise ValueError("need 3 <= min_seq_len <= max_seq_len")
+    check_sizes(cfg, min_seq_len=3)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.config import SynthConfig
-from shards.synth import STYLE_WORDS, TOPICS
+from shards.synth import STYLE_WORDS, TOPICS, check_sizes
 
 SUCCESSOR_PROB = 0.3
 
@@ -82,12 +82,7 @@ def synthesize_scale(cfg: SynthConfig, out: str | Path) -> dict:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    if not 2 <= cfg.num_topics <= len(TOPICS):
-        raise ValueError(f"num_topics must be in 2..{len(TOPICS)}, got {cfg.num_topics}")
-    if cfg.num_items < 2 * cfg.num_topics:
-        raise ValueError(f"num_items ({cfg.num_items}) must be at least 2 x num_topics")
-    if not 2 <= cfg.min_seq_len <= cfg.max_seq_len:
-        raise ValueError("need 2 <= min_seq_len <= max_seq_len")
+    check_sizes(cfg, min_seq_len=2)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
