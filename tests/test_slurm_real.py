@@ -386,8 +386,9 @@ def test_label_sbatch_ray_cluster_via_srun_labels_like_a_local_run(label_cluster
     cluster, nodes = label_cluster, label_cluster.nodes
     env = dict(CONFIG=str(CONFIG), PYTHON=str(REPO / ".venv" / "bin" / "python"), PYTHONPATH=str(REPO),
                HOME=str(home), RAY_TMP=str(ray_tmp), OMP_NUM_THREADS="1")
-    if nodes == 1:  # (it also forbids multi-node Ray clusters)
-        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # 0 also forbids multi-node Ray clusters; this process may hold 0 from the session's local Ray
+    # (llm_labeling.run.start_local_ray exports it), and sbatch passes the environment on.
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0" if nodes == 1 else "1"
     start = time.monotonic()
     try:
         job_id = cluster.sbatch(f"--nodes={nodes}", f"--cpus-per-task={cluster.cpus}",
