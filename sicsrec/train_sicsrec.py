@@ -52,7 +52,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shards.prepared import PreparedDataset
@@ -179,10 +178,11 @@ def build_step2_model(cfg: SICSRecConfig, id_encoder, tables: dict, phase: str =
 
 
 class SICSRecTrainer(Trainer):
-    config_section = "sicsrec.train"
     """Step 2 on the step-1 Trainer. `phase` (content strategies only): "content" = phase 1, "id" =
     phase 2, which starts from `init_state` (phase 1's best weights). A step 2 that starts as a
     trained model (`starts_at_step1`) has its start evaluated and selectable (Trainer.starts_trained)."""
+
+    config_section = "sicsrec.train"
 
     def __init__(self, cfg: SICSRecConfig, id_encoder, tables: dict, *args, phase: str = "",
                  init_state: dict | None = None):

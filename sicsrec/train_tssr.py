@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -394,6 +393,7 @@ class StreamedEpoch:
 
 class TSSRTrainer(Trainer):
     config_section = "tssr.train"
+
     def __init__(self, cfg: TSSRConfig, source: ContentEncoder | dict, store: ItemStore | None,
                  shard_dir: str | Path, *args):
         check_config(cfg)
