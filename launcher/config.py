@@ -147,6 +147,7 @@ RANGES = {
     "max_candidates": AT_LEAST_1, "max_title_chars": AT_LEAST_1, "num_actors": AT_LEAST_1,
     "max_new_tokens": AT_LEAST_1, "tensor_parallel_size": AT_LEAST_1, "max_restarts": AT_LEAST_0,
     "loss_chunk": AT_LEAST_1, "num_negatives": AT_LEAST_1, "eval_item_chunk": AT_LEAST_0, "eval_users": AT_LEAST_0,
+    "test_users": AT_LEAST_0,
 }
 RANGES_BY_PATH = {
     "label.temperature": AT_LEAST_0,  # LLM sampling: 0 = greedy

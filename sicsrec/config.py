@@ -26,7 +26,8 @@ class TrainConfig:
     eval_batch_size: int = 512
     mask_history: bool = False  # mask the user's history items at evaluation (RecBole sequential: no)
     eval_item_chunk: int = 65536  # items scored per [users x items] block at evaluation; 0 = all in one
-    eval_users: int = 0  # validation on a fixed seeded sample of this many users (0 = all); test uses all
+    eval_users: int = 0  # validation on a fixed seeded sample of this many users (0 = all)
+    test_users: int = 0  # test on a fixed seeded sample of this many users (0 = all; stated in metrics.json)
     engine: str = "auto"  # auto | single | ddp | deepspeed
     precision: str = "auto"  # auto (bf16 on a capable GPU, else fp32) | bf16 | fp32
     ds_config: str = "ds_config.json"

@@ -149,8 +149,8 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict:
         """Full-ranking Hit/NDCG@5,10,20 on `split` (valid | test), users sharded over ranks, the
-        items scored against the model's item table in blocks of `eval_item_chunk`; validation on
-        a fixed sample of `eval_users` users if set. Ranks make equal forward calls (ZeRO-3)."""
+        items scored against the model's item table in blocks of `eval_item_chunk`; validation (test) on
+        a fixed seeded sample of `eval_users` (`test_users`) users if set. Ranks make equal forward calls (ZeRO-3)."""
         engine, model, cfg = self.engine, self.model, self.cfg
         engine.eval()
 
@@ -162,7 +162,7 @@ class Trainer:
             return evaluate(user_fn, self.dataset, split, cfg.max_len, cfg.eval_batch_size,
                             mask_history=cfg.mask_history, device=engine.device, progress=self.env.is_main,
                             item_table=model.item_table(), item_chunk=cfg.eval_item_chunk,
-                            user_sample=cfg.eval_users if split == "valid" else 0,
+                            user_sample=cfg.eval_users if split == "valid" else cfg.test_users,
                             equal_batches=True if engine.zero_stage == 3 else None)
 
     def resume(self, restart: bool = False) -> None:

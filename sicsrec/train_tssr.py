@@ -455,7 +455,7 @@ class TSSRTrainer(Trainer):
 
     def evaluate(self, split: str) -> dict:
         """Full ranking over all items (shared `evaluate`: the ID table M_id scored in blocks of
-        `eval_item_chunk`, validation on `eval_users` sampled users if set), the items' content
+        `eval_item_chunk`, validation / test on `eval_users` / `test_users` sampled users if set), the items' content
         encoded once."""
         engine, model, cfg = self.engine, self.model, self.cfg
         engine.eval()
@@ -470,7 +470,7 @@ class TSSRTrainer(Trainer):
             return evaluate(user_fn, self.dataset, split, cfg.max_len, cfg.eval_batch_size,
                             mask_history=cfg.mask_history, device=engine.device, progress=self.env.is_main,
                             item_table=model.tssr.item_table(), item_chunk=cfg.eval_item_chunk,
-                            user_sample=cfg.eval_users if split == "valid" else 0,
+                            user_sample=cfg.eval_users if split == "valid" else cfg.test_users,
                             equal_batches=True if engine.zero_stage == 3 else None)
 
     def summary(self) -> dict:

@@ -65,6 +65,18 @@ def test_early_stopping_and_skip(tmp_path):
     assert evaluate(encoder.score_all, PreparedDataset.load(prepared), "test", cfg.max_len, batch_size=16) == m["test"]
 
 
+def test_test_and_valid_user_samples_are_seeded_and_stated(tmp_path):
+    prepared = make_dataset(tmp_path / "prepare")
+    cfg = TrainConfig(**TINY, dropout=0.0, epochs=1, patience=1, eval_users=12, test_users=9)
+    m = train_id(cfg, prepared, tmp_path / "out", seed=0)["metrics"]
+    assert (m["test"]["users"], m["test"]["user_sample_of"]) == (9, 30)
+    assert (m["valid"]["users"], m["valid"]["user_sample_of"]) == (12, 30)
+    encoder = load_id_encoder(tmp_path / "out")  # the same sample the stage ranked (user seed 0)
+    alone = evaluate(encoder.score_all, PreparedDataset.load(prepared), "test", cfg.max_len, batch_size=16,
+                     user_sample=9)
+    assert alone == m["test"]
+
+
 def test_gru4rec_and_all_windows_train(tmp_path):
     prepared = make_dataset(tmp_path / "prepare")
     cfg = TrainConfig(**dict(TINY, lr=1e-2), model="gru4rec", windows="all", dropout=0.0, epochs=4, patience=4)
