@@ -40,6 +40,7 @@ from sicsrec.evaluate import evaluate
 from sicsrec.models.gru4rec import GRU4Rec
 from sicsrec.models.sasrec import SASRec, SequentialRecommender
 from sicsrec.next_item import NextItemCriterion
+from sicsrec.optim import build_optimizer
 from sicsrec.preemption import PreemptionGuard, exit_for_requeue
 from sicsrec.runtime import dist as distenv
 from sicsrec.runtime.rundir import fingerprint, read_manifest, run_stage, stage_fingerprint, write_json
@@ -127,8 +128,7 @@ class Trainer:
         self.model, loss_module = self.build()
         # how the loss module computes its next-item CE (`<section>.loss`; sicsrec.next_item)
         loss_module.criterion = NextItemCriterion.from_config(cfg, dataset, self.config_section)
-        trainable = [p for p in loss_module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = build_optimizer(loss_module, cfg)
         self.engine = build_engine(loss_module, optimizer, env, cfg.engine,
                                    micro_batch=cfg.batch_size // env.world_size, grad_clip=cfg.grad_clip,
                                    precision=cfg.precision, ds_config=cfg.ds_config,
