@@ -40,6 +40,16 @@ Extras: `top_k` > 0 keeps a running top-K per user merged over chunks (and item 
 it to `top_k_path` as JSONL; `user_sample` > 0 evaluates a fixed seeded sample of users (still
 against every item), stated in the result: "users" (the sample's size), "user_sample_of" (all
 users), "user_sample_seed".
+
+Diagnostics (`diagnostics=True`, flat keys, means over the evaluated users unless said): "hit@1";
+"mrr" (1 / (rank + 1), the rank as above, so pessimistic ties by default); "median_rank" (1-based,
+the mean of the two middle ranks for an even count; under user sharding every rank's per-user ranks
+are all-gathered); "top1_in_history" (the user's top-1 item is one of its history items: the whole
+history of the split, not only the last max_len the model sees), "top1_is_last" (it is the last
+history item), "target_is_repeat" (the target is a history item). The top-1 is the best candidate
+(with `mask_history`, history items other than the target are none), kept over chunks (and merged
+over item shards) like the top-K; ties go to the lowest item id, so it does not depend on chunking
+or sharding (the top-K file leaves ties to torch.topk's order).
 """
 from __future__ import annotations
 
@@ -56,6 +66,7 @@ from shards.prepared import PreparedDataset, UserSequence
 from sicsrec.data import pad_left
 
 KS = (5, 10, 20)
+DIAGNOSTICS = ("hit@1", "mrr", "top1_in_history", "top1_is_last", "target_is_repeat")  # sums; median_rank apart
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 # an item table: a [rows, d] tensor, or a function mapping item ids (a 1-d LongTensor) to their rows
 ItemTable = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
@@ -82,21 +93,23 @@ def score_block(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 class RankCounter:
     """Running 0-based target ranks of a batch over item chunks (`add` each [B, C] block once),
-    and optionally the running top-K items per row.
+    and optionally the running top-K items per row and the top-1 item (`top1`: the best score,
+    ties to the lowest id, order-independent).
 
     target_scores: [B]; targets: [B] item ids; histories: per row, items that are no candidates
     (except the target), or None. The target's own column never counts.
     """
 
     def __init__(self, target_scores: torch.Tensor, targets: torch.Tensor,
-                 histories: Sequence[Sequence[int]] | None = None, ties: str = "pessimistic", top_k: int = 0):
+                 histories: Sequence[Sequence[int]] | None = None, ties: str = "pessimistic", top_k: int = 0,
+                 top1: bool = False):
         if ties not in ("pessimistic", "optimistic"):
             raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
         if torch.isnan(target_scores).any():
             raise ValueError("scores contain NaN")
         device = target_scores.device
         self.target_scores = target_scores.float()[:, None]
-        self.targets, self.ties, self.top_k = targets.to(device), ties, top_k
+        self.targets, self.ties, self.top_k, self.top1 = targets.to(device), ties, top_k, top1
         rows, cols = [], []
         for row, (history, target) in enumerate(zip(histories or [], targets.tolist())):
             seen = sorted(set(history) - {target})  # each masked item once; never the target
@@ -108,6 +121,8 @@ class RankCounter:
         # top-K starts as K placeholders (score -inf, item 0) that any real candidate replaces
         self.top_scores = torch.full((len(targets), top_k), float("-inf"), device=device)
         self.top_items = torch.zeros(len(targets), top_k, dtype=torch.long, device=device)
+        self.top1_scores = torch.full((len(targets),), float("-inf"), device=device)  # placeholder item 0
+        self.top1_items = torch.zeros(len(targets), dtype=torch.long, device=device)
 
     def add(self, start: int, block: torch.Tensor) -> None:
         """Count the items start .. start+C-1, whose scores are `block` [B, C]."""
@@ -121,17 +136,27 @@ class RankCounter:
         inside = (self.masked_cols >= start) & (self.masked_cols < end)
         rows, cols = self.masked_rows[inside], self.masked_cols[inside] - start
         self.counts.index_add_(0, rows, -beats[rows, cols].long())  # masked history items do not count
-        if self.top_k:
+        if self.top_k or self.top1:
             if len(rows):
                 block = block.index_put((rows, cols), torch.tensor(float("-inf"), device=block.device))
-            scores, items = block.float().topk(min(self.top_k, block.shape[1]), dim=1)
-            self.merge_top_k(scores, items + start)
+            if self.top_k:
+                scores, items = block.float().topk(min(self.top_k, block.shape[1]), dim=1)
+                self.merge_top_k(scores, items + start)
+            if self.top1:
+                scores, items = block.float().max(1)  # the first (lowest id) of equal maxima
+                self.merge_top1(scores, items + start)
 
     def merge_top_k(self, scores: torch.Tensor, items: torch.Tensor) -> None:
         """Merge candidate (scores, items) [B, *] into the running top-K."""
         scores, items = torch.cat([self.top_scores, scores], 1), torch.cat([self.top_items, items], 1)
         self.top_scores, pick = scores.topk(self.top_k, dim=1)
         self.top_items = items.gather(1, pick)
+
+    def merge_top1(self, scores: torch.Tensor, items: torch.Tensor) -> None:
+        """Merge candidate top-1s (scores, items) [B]: a higher score wins, an equal one the lower id."""
+        better = (scores > self.top1_scores) | ((scores == self.top1_scores) & (items < self.top1_items))
+        self.top1_scores = torch.where(better, scores, self.top1_scores)
+        self.top1_items = torch.where(better, items, self.top1_items)
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, histories: Sequence[Sequence[int]] | None = None,
@@ -162,6 +187,30 @@ def metric_sums(ranks: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, float]
         out[f"hit@{k}"] = float(hit.sum())
         out[f"ndcg@{k}"] = float((gains * hit).sum())
     return out
+
+
+def diagnostic_sums(ranks: torch.Tensor, top1: torch.Tensor, targets: Sequence[int],
+                    histories: Sequence[Sequence[int]]) -> dict[str, float]:
+    """Sums over a batch of the DIAGNOSTICS: hit@1 and reciprocal ranks of the 0-based `ranks`;
+    users whose `top1` item is in / is the last of their history; targets in their history."""
+    ranks = ranks.double().cpu()
+    in_history = is_last = repeats = 0
+    for item, target, history in zip(top1.tolist(), list(targets), histories):
+        seen = set(history)
+        in_history += item in seen
+        is_last += bool(history) and item == history[-1]
+        repeats += target in seen
+    return {"hit@1": float((ranks < 1).sum()), "mrr": float((1.0 / (ranks + 1.0)).sum()),
+            "top1_in_history": float(in_history), "top1_is_last": float(is_last), "target_is_repeat": float(repeats)}
+
+
+def median_rank(ranks: torch.Tensor) -> float:
+    """Median 1-based rank of 0-based `ranks` (the mean of the two middle ones for an even count)."""
+    ordered = ranks.double().sort().values + 1
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("no ranks")
+    return float(ordered[n // 2]) if n % 2 else float((ordered[n // 2 - 1] + ordered[n // 2]) / 2)
 
 
 def sample_users(users: list[UserSequence], size: int, seed: int = 0) -> tuple[list[UserSequence], dict | None]:
@@ -229,7 +278,8 @@ def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: i
              device: torch.device | str = "cpu", rank: int | None = None, world_size: int | None = None,
              progress: bool = False, *, item_table: ItemTable | None = None, item_chunk: int = 0,
              item_shard: bool = False, top_k: int = 0, top_k_path: str | Path | None = None,
-             user_sample: int = 0, user_seed: int = 0, equal_batches: bool | None = None) -> dict:
+             user_sample: int = 0, user_seed: int = 0, equal_batches: bool | None = None,
+             diagnostics: bool = False) -> dict:
     """Mean Hit@K / NDCG@K on `split` (valid or test) over all users (or a seeded sample).
 
     score_fn maps [B, max_len] left-padded histories (on `device`) to [B, N+1] scores or, when
@@ -239,6 +289,7 @@ def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: i
     of `item_chunk` ids (0: all at once). top_k > 0 writes each user's top-K items to
     `top_k_path` (JSONL). user_sample > 0 evaluates that many users drawn with `user_seed`.
     equal_batches (default: on when W > 1) gives every rank the same number of forward calls.
+    diagnostics adds hit@1, mrr, median_rank, top1_in_history, top1_is_last, target_is_repeat.
     Under torch.distributed every rank must call this; rank/world_size default to the group's.
     """
     if split not in ("valid", "test"):
@@ -290,14 +341,16 @@ def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: i
             if shared:
                 target_scores = _all_reduce(target_scores, device)  # each target's score from its owner
             block = lambda s, e: score_block(out, items.chunk(s, e))  # noqa: E731
-        counter = RankCounter(target_scores, targets, histories if mask_history else None, ties, top_k)
+        counter = RankCounter(target_scores, targets, histories if mask_history else None, ties, top_k, diagnostics)
         for s, e in item_chunks(start, end, item_chunk):
             counter.add(s, block(s, e))
         return counter
 
     names = [f"{m}@{k}" for k in ks for m in ("hit", "ndcg")]
+    if diagnostics:
+        names += [n for n in DIAGNOSTICS if n not in names]
     totals = torch.zeros(len(names) + 1, dtype=torch.float64)
-    top_records = []
+    top_records, all_ranks = [], []
     for batch in tqdm(batches, desc=f"eval {split}", disable=not progress, leave=False):
         if not batch:  # equal_batches padding: the forward runs (a collective under ZeRO-3), its output is unused
             score_fn(pad_left([all_users[0].history(split)], max_len).to(device))
@@ -314,19 +367,38 @@ def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: i
                 for other, (scores, ids) in enumerate(parts):
                     if other != rank:  # this rank's own top-K is already in the counter
                         counter.merge_top_k(scores, ids)
+            if diagnostics:  # each rank's best of its slice -> the best over all items, on every rank
+                parts = zip(_all_gather(counter.top1_scores, device, world_size),
+                            _all_gather(counter.top1_items, device, world_size))
+                for other, (scores, ids) in enumerate(parts):
+                    if other != rank:
+                        counter.merge_top1(scores, ids)
         if top_k:
             top_records.append((batch, counter.top_scores.cpu(), counter.top_items.cpu()))
         sums = metric_sums(ranks, ks)
+        if diagnostics:
+            sums.update(diagnostic_sums(ranks, counter.top1_items, targets.tolist(), histories))
+            all_ranks.append(ranks.cpu())
         totals[:-1] += torch.tensor([sums[n] for n in names], dtype=torch.float64)
         totals[-1] += len(batch)
+    if diagnostics:
+        all_ranks = torch.cat(all_ranks) if all_ranks else torch.zeros(0, dtype=torch.long)
     if dist.is_initialized() and world_size > 1 and not shared:
         totals = _all_reduce(totals, device)
+        if diagnostics:  # every rank's per-user ranks, padded with -1 to the most users a rank has
+            most = math.ceil(len(all_users) / world_size)
+            padded = torch.full((most,), -1, dtype=torch.long)
+            padded[:len(all_ranks)] = all_ranks
+            all_ranks = torch.cat(_all_gather(padded, device, world_size))
+            all_ranks = all_ranks[all_ranks >= 0]
     if top_k:
         _write_top_k(top_k_path, top_records, [0] if shared else list(range(world_size)), rank)
     count = totals[-1].item()
     if count == 0:
         raise ValueError("no users to evaluate")
     result = {n: totals[i].item() / count for i, n in enumerate(names)}
+    if diagnostics:
+        result["median_rank"] = median_rank(all_ranks)
     result["users"] = int(count)
     if sample is not None:  # flat keys: a result is a dict of numbers (logged as scalars)
         result.update(user_sample_of=sample["of"], user_sample_seed=sample["seed"])

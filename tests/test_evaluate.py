@@ -315,3 +315,169 @@ def test_item_sharded_evaluation_on_two_ranks_equals_single_process(tmp_path):
     assert [r["items"] for r in two] == [r["items"] for r in one] and len(one) == 23
     flat = lambda rows: [s for r in rows for s in r["scores"]]  # noqa: E731
     assert flat(two) == pytest.approx(flat(one), abs=1e-6)
+
+
+# --- ranking diagnostics (diagnostics=True): hit@1, MRR, median rank, top-1 in history / last, repeats ---
+
+def diagnostics_case():
+    """4 users on items 1..5, each scored by a row chosen by its last history item (test split):
+    history [1, 2, 3] -> 3, [4, 5] -> 1, [2, 3, 1] -> 4, [4, 5, 2] -> 4 (a repeat, as is the first)."""
+    items = [Item(i, f"i{i}", "", None) for i in range(1, 6)]
+    users = [UserSequence(1, "a", [1, 2], 3, 3), UserSequence(2, "b", [4], 5, 1),
+             UserSequence(3, "c", [2, 3], 1, 4), UserSequence(4, "d", [4, 5], 2, 4)]
+    rows = torch.zeros(6, 6)
+    rows[3] = torch.tensor([0, 0.1, 0.7, 0.9, 0.2, 0.3])  # user a: top-1 item 3 = its target and last item
+    rows[5] = torch.tensor([0, 0.5, 0.5, 0.1, 0.2, 0.4])  # user b: items 1, 2 tie on top -> item 1
+    rows[1] = torch.tensor([0, 0.2, 0.9, 0.1, 0.3, 0.4])  # user c: top-1 item 2 (history, not last)
+    rows[2] = torch.tensor([0, 0.6, 0.8, 0.3, 0.1, 0.8])  # user d: items 2 (its last), 5 tie on top -> 2
+    return PreparedDataset(items, users), rows
+
+
+DIAGNOSTIC_KEYS = {"hit@1", "mrr", "median_rank", "top1_in_history", "top1_is_last", "target_is_repeat"}
+
+
+def test_diagnostics_hand_computed():
+    ds, rows = diagnostics_case()
+    score_fn, user_fn, table = last_item_scorer(rows)
+    plain = evaluate(score_fn, ds, "test", 4, ks=(5,))
+    assert not DIAGNOSTIC_KEYS & set(plain)  # opt-in
+    got = evaluate(score_fn, ds, "test", 4, ks=(5,), diagnostics=True)
+    assert set(got) == {"hit@5", "ndcg@5", "users"} | DIAGNOSTIC_KEYS
+    assert {k: got[k] for k in plain} == plain
+    # pessimistic ranks (0-based): a 0, b 1 (item 2 ties with its target), c 2 (items 2, 5 above), d 4
+    assert got["hit@1"] == 0.25 and got["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 5) / 4)
+    assert got["median_rank"] == 2.5  # 1-based ranks 1, 2, 3, 5
+    # top-1s 3, 1, 2, 2: in history for a, c, d; the last item for a, d; targets 3 and 4 repeat for a, d
+    assert (got["top1_in_history"], got["top1_is_last"], got["target_is_repeat"]) == (0.75, 0.5, 0.5)
+    optimistic = evaluate(score_fn, ds, "test", 4, ks=(5,), ties="optimistic", diagnostics=True)
+    assert optimistic["hit@1"] == 0.5 and optimistic["median_rank"] == 2.0  # ranks 1, 1, 3, 5
+    assert optimistic["mrr"] == pytest.approx((1 + 1 + 1 / 3 + 1 / 5) / 4)
+    # masking: a keeps 3 (its target); b's top-1 is still 1 (rank 1); c ranks 4, 5 only -> top-1 5, rank 1;
+    # d ranks 1, 3, 4 (4 is its target) -> top-1 1, rank 2
+    masked = evaluate(score_fn, ds, "test", 4, ks=(5,), mask_history=True, diagnostics=True)
+    assert masked["hit@1"] == 0.25 and masked["median_rank"] == 2.0  # 1-based ranks 1, 2, 2, 3
+    assert masked["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 2 + 1 / 3) / 4)
+    assert (masked["top1_in_history"], masked["top1_is_last"], masked["target_is_repeat"]) == (0.25, 0.25, 0.5)
+    # hit@1 in ks as well: the same value, one key
+    both = evaluate(score_fn, ds, "test", 4, ks=(1, 5), diagnostics=True)
+    assert both["hit@1"] == 0.25 and list(both).count("hit@1") == 1
+    # the same through an item table, in chunks of every size, in batches of every size
+    for chunk in (0, 1, 2, 3, 5, 9):
+        for batch_size in (1, 3, 4):
+            for kw in (dict(), dict(mask_history=True)):
+                expected = masked if kw else got
+                assert evaluate(score_fn, ds, "test", 4, batch_size, ks=(5,), item_chunk=chunk,
+                                diagnostics=True, **kw) == expected, (chunk, batch_size, kw)
+                assert evaluate(user_fn, ds, "test", 4, batch_size, ks=(5,), item_table=table, item_chunk=chunk,
+                                diagnostics=True, **kw) == expected, (chunk, batch_size, kw)
+
+
+def test_median_rank_of_odd_and_even_counts():
+    from sicsrec.evaluate import median_rank
+    assert median_rank(torch.tensor([4, 0, 2])) == 3.0
+    assert median_rank(torch.tensor([0, 3, 1, 8])) == 3.0  # 1-based 1, 2, 4, 9 -> (2 + 4) / 2
+    assert median_rank(torch.tensor([0])) == 1.0
+
+
+def reference_diagnostics(scores, ds, split, mask, ties):
+    """Diagnostics from one full [users, N+1] matrix: ranks as reference_ranks, top-1 the first argmax."""
+    histories = [u.history(split) for u in ds.users]
+    targets = torch.tensor([u.target(split) for u in ds.users])
+    ranks = reference_ranks(scores, targets, histories if mask else None, ties).double()
+    masked = scores.float().clone()
+    masked[:, 0] = NEG
+    if mask:
+        for row, (h, t) in enumerate(zip(histories, targets.tolist())):
+            masked[row, list(set(h) - {t})] = NEG
+    top1 = masked.argmax(1).tolist()
+    n, ordered = len(ds.users), (ranks.sort().values + 1).tolist()
+    return {"hit@1": float((ranks == 0).double().mean()), "mrr": float((1 / (ranks + 1)).mean()),
+            "median_rank": ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2,
+            "top1_in_history": sum(t in h for t, h in zip(top1, histories)) / n,
+            "top1_is_last": sum(t == h[-1] for t, h in zip(top1, histories)) / n,
+            "target_is_repeat": sum(t in h for t, h in zip(targets.tolist(), histories)) / n}
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+@pytest.mark.parametrize("mask", [False, True])
+def test_diagnostics_chunked_equal_unchunked_and_the_full_matrix_with_planted_ties(ties, mask):
+    ds = random_dataset()  # 23 users (odd), 30 items
+    planted, _, _ = planted_ties(rows=31, num_items=30, seed=1)
+    score_fn, user_fn, table = last_item_scorer(planted)
+    kw = dict(max_len=8, batch_size=5, ks=(1, 10), ties=ties, mask_history=mask, diagnostics=True)
+    for split in ("valid", "test"):
+        expected = evaluate(score_fn, ds, split, **kw)
+        full = score_fn(pad_left([u.history(split) for u in ds.users], 8))
+        for name, value in reference_diagnostics(full, ds, split, mask, ties).items():
+            assert expected[name] == pytest.approx(value, abs=1e-12), (split, name)
+        for chunk in (1, 4, 7, 30, 100):
+            assert evaluate(score_fn, ds, split, item_chunk=chunk, **kw) == expected, chunk
+            assert evaluate(user_fn, ds, split, item_table=table, item_chunk=chunk, **kw) == expected, chunk
+        assert evaluate(user_fn, ds, split, item_table=lambda ids: table[ids], item_chunk=3, **kw) == expected
+        assert evaluate(score_fn, ds, split, equal_batches=True, **kw) == expected
+    # an even number of users, from a user sample
+    sample = evaluate(score_fn, ds, "test", user_sample=10, user_seed=2, **kw)
+    alone = evaluate(score_fn, PreparedDataset(ds.items[1:], sample_users(ds.users, 10, 2)[0]), "test", **kw)
+    assert {k: v for k, v in sample.items() if not k.startswith("user_sample")} == alone
+
+
+def test_diagnostics_with_top_k_leave_the_top_k_file_and_metrics_unchanged(tmp_path):
+    ds = random_dataset()
+    scores = torch.rand(31, 31, generator=torch.Generator().manual_seed(2))  # distinct: top-1 = first of top-K
+    _, user_fn, table = last_item_scorer(scores)
+    kw = dict(batch_size=4, item_table=table, item_chunk=3, top_k=5)
+    plain = evaluate(user_fn, ds, "test", 8, top_k_path=tmp_path / "plain.jsonl", **kw)
+    got = evaluate(user_fn, ds, "test", 8, top_k_path=tmp_path / "diag.jsonl", diagnostics=True, **kw)
+    assert (tmp_path / "plain.jsonl").read_text() == (tmp_path / "diag.jsonl").read_text()
+    assert {k: got[k] for k in plain} == plain
+    top1 = [r["items"][0] for r in read_top_k(tmp_path / "diag.jsonl")]
+    histories = [u.history("test") for u in ds.users]
+    assert got["top1_is_last"] == pytest.approx(sum(t == h[-1] for t, h in zip(top1, histories)) / 23)
+    assert got["top1_in_history"] == pytest.approx(sum(t in h for t, h in zip(top1, histories)) / 23)
+
+
+def diagnostic_results(rank, world, out_dir):
+    """User-sharded (with and without a user sample) and item-sharded evaluations with diagnostics."""
+    ds, model = random_dataset(), _model()
+    scores, _, _ = planted_ties(rows=31, num_items=30, seed=1)
+    _, user_fn, table = last_item_scorer(scores)
+    out = {}
+    for mask in (False, True):
+        for ties in ("pessimistic", "optimistic"):
+            kw = dict(batch_size=4, mask_history=mask, ties=ties, item_table=table, item_chunk=3, diagnostics=True)
+            out[f"users-{mask}-{ties}"] = evaluate(user_fn, ds, "test", 8, **kw)
+            out[f"sample-{mask}-{ties}"] = evaluate(user_fn, ds, "valid", 8, user_sample=10, user_seed=1, **kw)
+            out[f"items-{mask}-{ties}"] = evaluate(user_fn, ds, "test", 8, item_shard=True, **kw)
+        out[f"model-{mask}"] = evaluate(model.sequence_repr, ds, "valid", 8, batch_size=5, mask_history=mask,
+                                        item_table=model.item_emb.weight, item_chunk=4, diagnostics=True)
+        out[f"model-items-{mask}"] = evaluate(model.sequence_repr, ds, "valid", 8, batch_size=5, mask_history=mask,
+                                              item_table=model.item_emb.weight, item_chunk=4, item_shard=True,
+                                              diagnostics=True)
+    return out
+
+
+def _diagnostic_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(diagnostic_results(rank, world, out_dir), os.path.join(out_dir, f"diag{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_diagnostics_on_two_ranks_equal_single_process(tmp_path):
+    single = diagnostic_results(0, 1, str(tmp_path))
+    assert all(DIAGNOSTIC_KEYS <= set(r) for r in single.values())
+    assert single["users-False-pessimistic"]["median_rank"] != single["users-True-pessimistic"]["median_rank"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_diagnostic_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        shard = torch.load(tmp_path / f"diag{rank}.pt")
+        assert shard.keys() == single.keys()
+        for key, expected in single.items():
+            assert shard[key].keys() == expected.keys()
+            for name, value in expected.items():
+                assert shard[key][name] == pytest.approx(value, abs=1e-12), (key, name)
