@@ -147,7 +147,7 @@ class Trainer:
         model = build_model(self.cfg, self.dataset.num_items)
         return model, NextItemLoss(model)
 
-    def evaluate(self, split: str) -> dict:
+    def evaluate(self, split: str, diagnostics: bool = False) -> dict:
         """Full-ranking Hit/NDCG@5,10,20 on `split` (valid | test), users sharded over ranks, the
         items scored against the model's item table in blocks of `eval_item_chunk`; validation (test) on
         a fixed seeded sample of `eval_users` (`test_users`) users if set. Ranks make equal forward calls (ZeRO-3)."""
@@ -163,7 +163,7 @@ class Trainer:
                             mask_history=cfg.mask_history, device=engine.device, progress=self.env.is_main,
                             item_table=model.item_table(), item_chunk=cfg.eval_item_chunk,
                             user_sample=cfg.eval_users if split == "valid" else cfg.test_users,
-                            equal_batches=True if engine.zero_stage == 3 else None)
+                            equal_batches=True if engine.zero_stage == 3 else None, diagnostics=diagnostics)
 
     def resume(self, restart: bool = False) -> None:
         """Continue from this run's checkpoint, if any; `restart` (--force) trains from scratch."""
@@ -349,7 +349,7 @@ class Trainer:
         with self.engine.gathered(modify=True):
             self.model.load_state_dict(best)
         valid = self.evaluate("valid")
-        test = self.evaluate("test")
+        test = self.evaluate("test", diagnostics=True)  # ranking diagnostics on test only: epochs stay cheap
         history = state["history"]
         epochs = [h for h in history if not h.get("start")]  # the start evaluation is no epoch
         train_seconds = max(sum(h["seconds"] for h in epochs), 1e-9)

@@ -453,7 +453,7 @@ class TSSRTrainer(Trainer):
         table[ids] = features
         return table
 
-    def evaluate(self, split: str) -> dict:
+    def evaluate(self, split: str, diagnostics: bool = False) -> dict:
         """Full ranking over all items (shared `evaluate`: the ID table M_id scored in blocks of
         `eval_item_chunk`, validation / test on `eval_users` / `test_users` sampled users if set), the items' content
         encoded once."""
@@ -471,7 +471,7 @@ class TSSRTrainer(Trainer):
                             mask_history=cfg.mask_history, device=engine.device, progress=self.env.is_main,
                             item_table=model.tssr.item_table(), item_chunk=cfg.eval_item_chunk,
                             user_sample=cfg.eval_users if split == "valid" else cfg.test_users,
-                            equal_batches=True if engine.zero_stage == 3 else None)
+                            equal_batches=True if engine.zero_stage == 3 else None, diagnostics=diagnostics)
 
     def summary(self) -> dict:
         """Run facts for metrics.json: content mode, batch sizes, steps, memory of every rank."""

@@ -62,7 +62,8 @@ def test_early_stopping_and_skip(tmp_path):
     again = train_id(cfg, prepared, tmp_path / "out", seed=0)  # manifest matches: skipped
     assert again["metrics"] == m
     encoder = load_id_encoder(tmp_path / "out")  # what SICSRec step 2 starts from
-    assert evaluate(encoder.score_all, PreparedDataset.load(prepared), "test", cfg.max_len, batch_size=16) == m["test"]
+    assert evaluate(encoder.score_all, PreparedDataset.load(prepared), "test", cfg.max_len, batch_size=16,
+                    diagnostics=True) == m["test"]
 
 
 def test_test_and_valid_user_samples_are_seeded_and_stated(tmp_path):
@@ -73,7 +74,7 @@ def test_test_and_valid_user_samples_are_seeded_and_stated(tmp_path):
     assert (m["valid"]["users"], m["valid"]["user_sample_of"]) == (12, 30)
     encoder = load_id_encoder(tmp_path / "out")  # the same sample the stage ranked (user seed 0)
     alone = evaluate(encoder.score_all, PreparedDataset.load(prepared), "test", cfg.max_len, batch_size=16,
-                     user_sample=9)
+                     user_sample=9, diagnostics=True)
     assert alone == m["test"]
 
 

@@ -210,7 +210,7 @@ def test_full_ranking_matches_a_single_process_evaluation(two_rank_run):
         table = torch.cat([torch.zeros(1, model.content.dim)] +
                           [model.content(inputs_of([i])) for i in range(1, dataset.num_items + 1)])
         expected = evaluate(lambda h: model.tssr.logits(model.tssr(h, table[h]).fused[:, -1]), dataset, "test",
-                            cfg.tssr.train.max_len)
+                            cfg.tssr.train.max_len, diagnostics=True)
     got = json.loads((root / "full" / "tssr" / "metrics.json").read_text())["test"]
     assert got == pytest.approx(expected, abs=1e-6)
 
