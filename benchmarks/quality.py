@@ -5,7 +5,7 @@ they were measured with; `fixed_id_enc` is the paper's headline one).
 
     .venv/bin/python benchmarks/quality.py --config configs/ninerec_food.yaml [--seeds 0,1,2]
         [--rows sasrec,sicsrec,...] [--quick] [--skip-upstream] [--run-dir DIR] [--set key=value ...]
-        [--tag NAME]
+        [--tag NAME] [--table-only]
 
 1. Upstream stages (prepare, shard, label, sft, encode) run through the launcher, each skipped
    when its manifest matches. `--skip-upstream` runs none of them and only checks that
@@ -15,14 +15,19 @@ they were measured with; `fixed_id_enc` is the paper's headline one).
    <run_dir>/quality[/<tag>]/seed<S>/<row>/ (upstream folders linked in), so re-runs skip what is
    done (stage manifests) and rows can be split across invocations. All SICSRec rows of a seed
    share that seed's step-1 SASRec (the `sasrec` row). Selection is on validation NDCG@10
-   (early stopping); the table reports test Hit/NDCG@5,10,20 as mean ± std over seeds.
+   (early stopping); the table reports test Hit/NDCG@5,10,20 as mean ± std over seeds, and a
+   second table the test ranking diagnostics (`sicsrec.evaluate`, diagnostics=True): Hit@1, MRR,
+   median rank (1-based), the share of users whose top-1 item is a history item / their last item,
+   and the share of test targets that repeat a history item ("n/a" for results saved before
+   them; "(n=K)" when only K of the row's seeds have them).
 3. Results merge into benchmarks/results/quality_<config stem>.json (per row and seed: test,
    valid, best/run epochs, seconds, overrides) under "rows" ("quick" with --quick, which runs in
    <run_dir>/quality-quick); a markdown table is printed. `--tag NAME` files the rows under
    "tuning"[NAME] instead (a settings search: give the settings with --set; the tagged rows share
    the seed's step 1 unless the settings change train_id.*). Invocations may run side by side on
    different rows or seeds (each result is merged into the file under a lock), as long as no two
-   of them train the same seed's step 1 (the `sasrec` row) at once.
+   of them train the same seed's step 1 (the `sasrec` row) at once. `--table-only` prints the
+   tables of the results file (the section --quick / --tag select) and runs nothing.
 
 A row is a name and a function (run_dir, seed, cfg) -> metrics dict with "test" and "valid":
 `ROWS["tssr"] = Row("TSSR", my_function)` adds one (cfg.run_dir == run_dir, cfg.seed == seed).
@@ -53,6 +58,8 @@ from launcher.config import Config, load_config, to_dict  # noqa: E402
 from sicsrec.runtime.rundir import read_manifest, write_json  # noqa: E402
 
 KEYS = [f"{m}@{k}" for m in ("hit", "ndcg") for k in (5, 10, 20)]
+# test ranking diagnostics (sicsrec.evaluate, diagnostics=True); results saved before them lack them
+DIAGNOSTICS = ["hit@1", "mrr", "median_rank", "top1_in_history", "top1_is_last", "target_is_repeat"]
 UPSTREAM = ["prepare", "shard", "label", "sft", "encode"]
 LINKED = ["prepare", "shards", "embeddings"]  # upstream stage folders every row reads
 
@@ -185,16 +192,38 @@ def quick_overrides() -> list[str]:
             "tssr.train.epochs=3", "tssr.train.patience=2"]
 
 
+def _mean_std(values: list[float]) -> dict:
+    """mean and sample std (0 for one value)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std}
+
+
 def summarize(per_seed: dict) -> dict:
-    """mean and std (sample std; 0 for one seed) of every test/valid metric over seeds."""
-    out = {}
-    for split in ("test", "valid"):
-        for key in KEYS:
-            values = [m[split][key] for m in per_seed.values()]
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-            out[f"{split}_{key}"] = {"mean": mean, "std": std}
+    """mean and std (sample std; 0 for one seed) of every test/valid metric over seeds, and of
+    each test diagnostic over the seeds that have it (with their number "n" when not all do)."""
+    out = {f"{split}_{key}": _mean_std([m[split][key] for m in per_seed.values()])
+           for split in ("test", "valid") for key in KEYS}
+    for key in DIAGNOSTICS:
+        values = [m["test"][key] for m in per_seed.values() if key in m["test"]]
+        if values:
+            out[f"test_{key}"] = _mean_std(values) | ({"n": len(values)} if len(values) < len(per_seed) else {})
     return out
+
+
+def diagnostics_markdown(rows: dict) -> str:
+    """The test ranking diagnostics of each row: mean ± std over seeds, "n/a" where not measured."""
+    head = "| model | " + " | ".join(f"test {k}" for k in DIAGNOSTICS) + " | seeds |"
+    lines = [head, "|" + "---|" * (len(DIAGNOSTICS) + 2)]
+    for row in rows.values():
+        s, cells = row["summary"], []
+        for key in DIAGNOSTICS:
+            cell = s.get(f"test_{key}")
+            digits = 1 if key == "median_rank" else 4
+            cells.append("n/a" if cell is None else f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}" +
+                         (f" (n={cell['n']})" if "n" in cell else ""))
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {len(row['seeds'])} |")
+    return "\n".join(lines)
 
 
 def markdown(rows: dict) -> str:
@@ -233,6 +262,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--tag", default="", help="file the rows under tuning[TAG] (a settings search)")
     parser.add_argument("--out", help="results JSON (default benchmarks/results/quality_<config stem>.json)")
+    parser.add_argument("--table-only", action="store_true", help="print the results file's tables; run nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -246,6 +276,13 @@ def main(argv=None) -> int:
     run = Path(cfg.run_dir)
     dataset = Path(args.config).stem
     out_path = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"quality_{dataset}.json"
+    kind = f"tuning {args.tag}" if args.tag else "quick" if args.quick else "rows"
+    if args.table_only:
+        results = json.loads(out_path.read_text()) if out_path.exists() else {}
+        section = results.get("tuning", {}).get(args.tag, {}).get("rows", {}) if args.tag else results.get(kind, {})
+        shown = {r: section[r] for r in ROWS if r in section and r in rows}
+        print(f"{dataset} ({kind}), results in {out_path}\n" + tables(shown))
+        return 0
 
     start = time.time()
     run_upstream(cfg, args.skip_upstream)
@@ -288,13 +325,20 @@ def main(argv=None) -> int:
             results["config_resolved"] = to_dict(cfg)
             write_json(out_path, results)
         left = todo[done + 1:]
-        print(f"    test ndcg@10 {metrics['test']['ndcg@10']:.4f} (valid {metrics['valid']['ndcg@10']:.4f}), "
+        test = metrics["test"]
+        diag = (f" top-1 = last item {test['top1_is_last']:.1%}, repeat targets {test['target_is_repeat']:.1%};"
+                if "top1_is_last" in test else "")
+        print(f"    test ndcg@10 {test['ndcg@10']:.4f} (valid {metrics['valid']['ndcg@10']:.4f}),{diag} "
               f"{time.time() - t0:.0f} s; ~{_estimate(left, per_run | _known_seconds(target)) / 60:.0f} min left", flush=True)
     shown = {r: target[r] for r in ROWS if r in target}
-    kind = f"tuning {args.tag}" if args.tag else "quick" if args.quick else "rows"
     print(f"\n{dataset} ({kind}), {time.time() - start:.0f} s, "
-          f"results in {out_path}\n" + markdown(shown))
+          f"results in {out_path}\n" + tables(shown))
     return 0
+
+
+def tables(rows: dict) -> str:
+    """The quality table, then the ranking-diagnostics table."""
+    return markdown(rows) + "\n\nRanking diagnostics (test):\n\n" + diagnostics_markdown(rows)
 
 
 def run_base(run: Path, quick: bool, tag: str, overrides: list[str]) -> Path:

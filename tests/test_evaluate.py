@@ -481,3 +481,32 @@ def test_diagnostics_on_two_ranks_equal_single_process(tmp_path):
             assert shard[key].keys() == expected.keys()
             for name, value in expected.items():
                 assert shard[key][name] == pytest.approx(value, abs=1e-12), (key, name)
+
+
+def test_quality_tables_show_the_diagnostics_and_n_a_for_results_saved_before_them():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import quality
+
+    base = {"hit@5": 0.1, "hit@10": 0.2, "hit@20": 0.3, "ndcg@5": 0.05, "ndcg@10": 0.1, "ndcg@20": 0.15}
+    seed = lambda **diag: {"test": base | diag, "valid": base, "epochs_to_best": 2, "epochs_run": 4}  # noqa: E731
+    diag = dict(zip(quality.DIAGNOSTICS, (0.01, 0.04, 30.0, 0.9, 0.85, 0.02)))
+    old = {"label": "Old", "seeds": {"0": seed()}}
+    new = {"label": "New", "seeds": {"0": seed(**diag), "1": seed(**(diag | {"median_rank": 32.0}))}}
+    mixed = {"label": "Mixed", "seeds": {"0": seed(), "1": seed(**diag)}}
+    for row in (old, new, mixed):
+        row["summary"] = quality.summarize(row["seeds"])
+    old["summary"] = {k: v for k, v in old["summary"].items() if not k.startswith("test_") or k[5:] in quality.KEYS}
+    assert new["summary"]["test_median_rank"] == {"mean": 31.0, "std": pytest.approx(math.sqrt(2))}
+    assert mixed["summary"]["test_mrr"] == {"mean": 0.04, "std": 0.0, "n": 1}
+    text = quality.tables({"old": old, "new": new, "mixed": mixed})
+    main, diagnostics = text.split("Ranking diagnostics (test):")
+    assert main.strip() == quality.markdown({"old": old, "new": new, "mixed": mixed})  # the quality table unchanged
+    lines = diagnostics.strip().splitlines()
+    assert lines[0] == ("| model | test hit@1 | test mrr | test median_rank | test top1_in_history | test top1_is_last "
+                        "| test target_is_repeat | seeds |")
+    assert lines[2] == "| Old | n/a | n/a | n/a | n/a | n/a | n/a | 1 |"
+    assert lines[3] == ("| New | 0.0100 ± 0.0000 | 0.0400 ± 0.0000 | 31.0 ± 1.4 | 0.9000 ± 0.0000 | 0.8500 ± 0.0000 "
+                        "| 0.0200 ± 0.0000 | 2 |")
+    assert lines[4].startswith("| Mixed | 0.0100 ± 0.0000 (n=1) |")
