@@ -35,7 +35,7 @@ from shards.canonical import (COLUMNS, BadRow, CanonicalColumns, CanonicalDatase
                               RawItem, check_folder, csv_options, check_csv, check_parquet_schema,
                               csv_reads_like_python, encode_table, interactions_path, read_columns, read_items,
                               string_columns)
-from shards.prepared import Item, PreparedDataset, UserSequence, write_jsonl
+from shards.prepared import Item, PreparedDataset, SequenceStore, StoreWriter, UserSequence, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,8 @@ def _no_users(k: int) -> ValueError:
 @dataclass
 class PreparedColumns:
     """prepare's result as arrays: the items in dense id order, the users in order with their
-    sequence lengths, and all sequences' dense ids concatenated. Saved in PreparedDataset's format."""
+    sequence lengths, and all sequences' dense ids concatenated. Saved in PreparedDataset's format
+    (the sequence store straight from these arrays)."""
     items: list[RawItem]
     user_ids: list[str]
     lengths: np.ndarray
@@ -233,6 +234,7 @@ class PreparedColumns:
         root.mkdir(parents=True, exist_ok=True)
         write_jsonl(root / "items.jsonl", item_records(self.items))
         write_jsonl(root / "sequences.jsonl", self.records())
+        SequenceStore.from_sequences(self.user_ids, self.lengths, self.sequences).save(root)
         write_stats(root, self.stats)
 
     def to_dataset(self) -> PreparedDataset:
@@ -290,9 +292,9 @@ def prepare_ray(root: str | Path, out: str | Path, k: int = 5, validate_images: 
     """prepare_dir(root, out, ...) with the per-interaction work on a Ray cluster: Ray Data reads
     the interactions file in blocks; Ray tasks check and encode each block (as read_columns does)
     and count users and items for each k-core round; Ray Data sorts the rows left by (user, time,
-    file order); the driver streams the sorted item codes into sequences.jsonl (dense ids are
-    assigned in that order). The driver holds per-user and per-item arrays (codes, counts), never
-    the interactions. Every node reads the dataset folder's path (a shared filesystem). Connects
+    file order); the driver streams the sorted item codes into sequences.jsonl and the sequence
+    store (dense ids are assigned in that order). The driver holds per-user and per-item arrays
+    (codes, counts), never the interactions. Every node reads the dataset folder's path (a shared filesystem). Connects
     to `address` ("auto" or host:port) unless Ray is initialised already."""
     import ray
 
@@ -436,8 +438,10 @@ def _ray_prepare(blocks, user_ids: list[str], raw_count: int, items: dict[str, R
     dense = DenseIds(num_items)
     lengths = users[kept_users]
     id_batches = (dense(b["items"]) for b in rows.iter_batches(batch_format="numpy", batch_size=1 << 16))
-    write_jsonl(out / "sequences.jsonl", sequence_records([user_ids[c] for c in kept_users.tolist()], lengths,
-                                                          id_batches))
+    kept_ids = [user_ids[c] for c in kept_users.tolist()]
+    store = StoreWriter(out, kept_ids, int(lengths.sum()) - 2 * len(kept_ids))  # the sequence store, as streamed
+    write_jsonl(out / "sequences.jsonl", store.tee(sequence_records(kept_ids, lengths, id_batches)))
+    store.close()
     raw_items = list(items.values())
     prepared = [raw_items[c] for c in dense.raw_codes()]
     write_jsonl(out / "items.jsonl", item_records(prepared))

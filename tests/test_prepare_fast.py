@@ -1,5 +1,6 @@
 """The vectorised prepare (pyarrow + numpy) and its Ray version give exactly what the Python
-prepare gives: the same three files, byte for byte, and the same file:line errors."""
+prepare gives: the same files (the three JSON files and the sequence store), byte for byte, and
+the same file:line errors."""
 import json
 import random
 
@@ -9,10 +10,11 @@ from PIL import Image
 from shards.canonical import DatasetError, read_canonical, read_columns, write_canonical
 from shards.config import SynthConfig
 from shards.prepare import kcore, kcore_rows, prepare, prepare_dir, prepare_python, prepare_ray
+from shards.prepared import STORE_FILES
 from shards.synth import synthesize
 from tests.helpers import SHARED_DATA
 
-FILES = ("items.jsonl", "sequences.jsonl", "stats.json")
+FILES = ("items.jsonl", "sequences.jsonl", "stats.json", *STORE_FILES.values())
 
 
 def python_files(root, out, k):
