@@ -39,6 +39,11 @@ class TrainConfig:
     loss_chunk: int = 1024
     num_negatives: int = 1024
     sampler: str = "uniform"
+    # Row-sparse item-table gradients (loss=sampled; engine single | ddp on gloo; the step-1 SASRec /
+    # GRU4Rec only): the input lookup and the sampled candidates' rows give a sparse gradient, the
+    # table is updated by SparseAdam (lazy Adam: only the rows a step touches; no weight decay on
+    # the table), the rest by AdamW (sicsrec.optim). Per-step memory no longer grows with N x d.
+    sparse_item_grad: bool = False
 
 
 @dataclass

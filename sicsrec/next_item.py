@@ -36,6 +36,11 @@ with a choice of how it is computed (`TrainConfig.loss`, i.e. `train_id.loss`,
   `popularity` approximates and `uniform` ignores. Under `uniform` the correction is the same
   constant on every column and changes nothing; it matters with `popularity`.
   Memory: [targets x unique candidates] logits, unique candidates <= min(N, global targets + K).
+  With `sparse_item_grad` (`<section>.sparse_item_grad`, sampled only) the candidates' rows are
+  gathered with a sparse `F.embedding`, so the table's gradient from the loss is a sparse
+  [unique candidates x d] tensor instead of a dense [N+1, d] one (the same numbers, densified);
+  with the model's sparse input lookup (SequentialRecommender.use_sparse_item_grad) and
+  SparseAdam (sicsrec.optim) no step allocates anything N x d.
 
 Scaling across ranks: every mode returns this rank's CE *sum* and target count; the trainer
 scales the sum by world_size / global count and DDP/DeepSpeed average gradients. For `sampled`
@@ -68,11 +73,13 @@ class NextItemParams:
     num_negatives: int = 1024  # sampled: K shared negatives per step
     sampler: str = "uniform"  # sampled: uniform | popularity
     logq: bool = True  # sampled: subtract log q(item) from every candidate's logit
+    sparse_item_grad: bool = False  # sampled: the candidates' rows with a sparse gradient (F.embedding sparse)
 
     @classmethod
     def from_config(cls, cfg, where: str = "train_id") -> "NextItemParams":
         """From a TrainConfig (section `where`: train_id, sicsrec.train, tssr.train), validated."""
-        params = cls(loss=cfg.loss, loss_chunk=cfg.loss_chunk, num_negatives=cfg.num_negatives, sampler=cfg.sampler)
+        params = cls(loss=cfg.loss, loss_chunk=cfg.loss_chunk, num_negatives=cfg.num_negatives, sampler=cfg.sampler,
+                     sparse_item_grad=getattr(cfg, "sparse_item_grad", False))
         params.validate(where)
         return params
 
@@ -85,6 +92,12 @@ class NextItemParams:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{where}.{key} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.sparse_item_grad, bool):
+            raise ValueError(f"{where}.sparse_item_grad must be true or false, got {self.sparse_item_grad!r}")
+        if self.sparse_item_grad and self.loss != "sampled":
+            raise ValueError(f"{where}.sparse_item_grad=true needs {where}.loss=sampled, got loss={self.loss}: with "
+                             f"full or chunked every item row gets a gradient each step, so a sparse gradient "
+                             f"would save nothing")
 
 
 FULL = NextItemParams()
@@ -191,7 +204,9 @@ def _sampled(hidden: Tensor, table: Tensor, targets: Tensor, params: NextItemPar
     ids = torch.cat([gather_rows(targets, sizes, with_grad=False), negatives])
     unique, inverse = torch.unique(ids, return_inverse=True)
     own = inverse[offset:offset + n]  # the row's positive among the unique candidates
-    logits = hidden.float() @ table[unique].float().T
+    # the candidates' rows: a sparse [unique x d] gradient for the table, or a dense [N+1, d] one
+    rows = F.embedding(unique, table, sparse=True) if params.sparse_item_grad else table[unique]
+    logits = hidden.float() @ rows.float().T
     if params.logq:  # in place: the matmul keeps no output for its backward
         if probs is None:  # uniform: the same constant on every candidate
             logits = logits.sub_(-math.log(num_items))
@@ -237,8 +252,10 @@ class NextItemCriterion:
     sampler=popularity), and the last call's stats. Not an nn.Module: nothing of it is saved in
     checkpoints or state dicts."""
 
-    def __init__(self, params: NextItemParams | None = None, item_probs: Tensor | None = None):
+    def __init__(self, params: NextItemParams | None = None, item_probs: Tensor | None = None,
+                 where: str = "train_id"):
         self.params = params or FULL
+        self.where = where  # the config section (named in errors, e.g. by sicsrec.optim)
         if self.params.loss == "sampled" and self.params.sampler == "popularity" and item_probs is None:
             raise ValueError("sampler=popularity needs the item popularity (item_probs)")
         self.item_probs = item_probs
@@ -254,7 +271,7 @@ class NextItemCriterion:
             if dataset is None:
                 raise ValueError(f"{where}.sampler=popularity needs the training data's item counts")
             probs = popularity_probs(item_counts(dataset))
-        return cls(params, probs)
+        return cls(params, probs, where)
 
     def _probs(self, device: torch.device) -> Tensor | None:
         if self.item_probs is None:

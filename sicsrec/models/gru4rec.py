@@ -33,6 +33,9 @@ class GRU4Rec(SequentialRecommender):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
+    def use_sparse_item_grad(self) -> nn.Parameter:
+        return self._sparse_item_emb()
+
     def hidden_states(self, items: torch.Tensor) -> torch.Tensor:
         length = items.shape[1]
         lengths = (items != 0).sum(1).clamp(min=1)  # an empty history runs the GRU on one padding step

@@ -13,6 +13,7 @@ Attention uses plain `nn.Linear` layers named q_proj/k_proj/v_proj/out_proj and 
 SICSRec step 2 can wrap them with peft LoRA.
 
 Scores are h . e_item with the input item embedding (tied); the padding column is -inf.
+`use_sparse_item_grad` (`train_id.sparse_item_grad`) gives that table row-sparse gradients.
 """
 from __future__ import annotations
 
@@ -112,6 +113,21 @@ class SequentialRecommender(nn.Module):
         is padding. Here the tied input embedding table."""
         return self.item_emb.weight
 
+    def use_sparse_item_grad(self) -> nn.Parameter | None:
+        """Switch the item table to row-sparse gradients (`train_id.sparse_item_grad`) and return
+        it, or None where the model does not support that (the default). Supported by models
+        whose item table is `item_emb.weight`, used in training only by the input lookup
+        `item_emb(...)` and by the loss's candidate rows (sicsrec.next_item gathers them with a
+        sparse F.embedding): SASRec and GRU4Rec. Call before DDP wraps the model (DDP reads
+        `nn.Embedding.sparse` when it is built). Evaluation (`logits`) is unchanged."""
+        return None
+
+    def _sparse_item_emb(self) -> nn.Parameter:
+        if self.item_table() is not self.item_emb.weight:
+            raise TypeError(f"{type(self).__name__}: the item table is not item_emb.weight")
+        self.item_emb.sparse = True
+        return self.item_emb.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., N+1] fp32 scores h . e_item; padding item 0 is never a candidate (-inf)."""
         table = self.item_table()
@@ -163,6 +179,9 @@ class SASRec(PositionalTransformer):
 
     def input_embeddings(self, items: torch.Tensor) -> torch.Tensor:
         return self.item_emb(items)
+
+    def use_sparse_item_grad(self) -> nn.Parameter:
+        return self._sparse_item_emb()
 
 
 def _init_weights(module: nn.Module) -> None:
