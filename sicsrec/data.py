@@ -1,11 +1,14 @@
-"""Training sequences and batching for the ID recommenders (in memory, from the PreparedDataset).
+"""Training sequences and batching for the ID recommenders (from the PreparedDataset's sequence
+store: a compact window index over the memory-mapped train items, no per-user Python objects).
 
-Training samples (SASRec / RecBole-CE style, next item at every position): for each user the
-train sequence gives inputs items[:-1] and targets items[1:]. With `windows="last"` (Kang &
-McAuley's choice) only the last max_len+1 items are used; `windows="all"` cuts the whole train
+Training samples (SASRec / RecBole-CE style): for each user the train sequence gives inputs
+items[:-1] and targets items[1:]. With `windows="last"` (Kang & McAuley's choice) only the last
+max_len+1 items are used, next item at every position; `windows="all"` cuts the whole train
 sequence into windows of max_len+1 items overlapping by one item, so every train item is a
-target once (closer to RecBole, which trains on every prefix). Validation and test items never
-appear in training samples.
+target once (next item at every position); `windows="prefix"` (RecBole's training rows) gives one
+row per train target (every train item from the 2nd on), the up to max_len items before it as
+input and the loss on that target only (collate zeroes the row's other targets). Validation and
+test items never appear in training samples.
 
 Data order is a function of (seed, epoch) only: the global batches are the same for any world
 size, and rank r takes the r-th contiguous slice of each global batch, so every rank runs the
@@ -13,9 +16,14 @@ same number of steps.
 """
 from __future__ import annotations
 
+import operator
+
+import numpy as np
 import torch
 
 from shards.prepared import PreparedDataset
+
+WINDOWS = ("last", "all", "prefix")
 
 
 def pad_left(sequences: list[list[int]], max_len: int) -> torch.Tensor:
@@ -28,23 +36,104 @@ def pad_left(sequences: list[list[int]], max_len: int) -> torch.Tensor:
     return out
 
 
-def train_windows(dataset: PreparedDataset, max_len: int, windows: str = "last") -> list[list[int]]:
+class PrefixRow(list):
+    """A `windows="prefix"` row: its items, of which only the last is a training target."""
+
+
+class TrainWindows:
+    """The training rows of a `windows` mode, in order: users in dataset order; "last" one row per
+    user (with >= 2 train items); "all" each user's windows from the end backwards; "prefix" each
+    user's targets in time order. `windows[i]` is row i's items (a list; a PrefixRow for
+    "prefix"), `len()` the number of rows; == compares with a list of lists.
+
+    Held: the store's flat train items and user offsets (memory-mapped when loaded from a prepare
+    dir) and one int64 per user, the cumulative number of rows up to it. Row i's user is found by
+    binary search; its (start, end) in the flat items follow from the mode: a user u with n train
+    items at `first` has rows k = 0.. with end = n - k*max_len ("all", from the end backwards),
+    k + 2 ("prefix"), n ("last"), and start = max(0, end - max_len - 1)."""
+
+    def __init__(self, items: np.ndarray, offsets: np.ndarray, max_len: int, mode: str):
+        if mode not in WINDOWS:
+            raise ValueError(f"windows must be one of {', '.join(WINDOWS)}, got {mode!r}")
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.items, self.offsets, self.max_len, self.mode = items, offsets, max_len, mode
+        n = np.diff(offsets)
+        if mode == "last":
+            counts = (n >= 2).astype(np.int64)
+        elif mode == "all":  # ends n, n - L, ... > 1: ceil((n - 1) / L) windows
+            counts = np.where(n >= 2, (n - 2) // max_len + 1, 0)
+        else:
+            counts = np.maximum(n - 1, 0)
+        self.row_ends = np.cumsum(counts)  # [U] rows of users 0..u together
+        self.size = int(self.row_ends[-1]) if len(self.row_ends) else 0
+
+    @classmethod
+    def of(cls, dataset: PreparedDataset, max_len: int, mode: str) -> "TrainWindows":
+        store = dataset.sequence_store()
+        return cls(store.items, store.offsets, max_len, mode)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def bounds(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """(start, end) of rows (an int array) in the flat items, each row items[start:end]."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not rows.size:
+            return rows.copy(), rows.copy()
+        if (rows.min() < 0 or rows.max() >= self.size):
+            raise IndexError(f"window rows out of range 0..{self.size - 1}")
+        user = np.searchsorted(self.row_ends, rows, side="right")
+        k = rows - np.where(user > 0, self.row_ends[user - 1], 0)
+        first = np.asarray(self.offsets[user], dtype=np.int64)
+        n = np.asarray(self.offsets[user + 1], dtype=np.int64) - first
+        end = n if self.mode == "last" else n - k * self.max_len if self.mode == "all" else k + 2
+        return first + np.maximum(0, end - self.max_len - 1), first + end
+
+    def __getitem__(self, i) -> list[int]:
+        i = operator.index(i)
+        if i < 0:
+            i += self.size
+        if not 0 <= i < self.size:
+            raise IndexError(f"window {i} out of range 0..{self.size - 1}")
+        user = int(np.searchsorted(self.row_ends, i, side="right"))
+        k = i - (int(self.row_ends[user - 1]) if user else 0)
+        first, last = int(self.offsets[user]), int(self.offsets[user + 1])
+        n = last - first
+        end = n if self.mode == "last" else n - k * self.max_len if self.mode == "all" else k + 2
+        row = self.items[first + max(0, end - self.max_len - 1):first + end].tolist()
+        return PrefixRow(row) if self.mode == "prefix" else row
+
+    def __iter__(self):
+        step = 1 << 14
+        for s in range(0, self.size, step):
+            starts, ends = self.bounds(np.arange(s, min(s + step, self.size)))
+            lo, hi = int(starts.min()), int(ends.max())
+            flat = self.items[lo:hi].tolist()
+            for a, b in zip((starts - lo).tolist(), (ends - lo).tolist()):
+                yield PrefixRow(flat[a:b]) if self.mode == "prefix" else flat[a:b]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (TrainWindows, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"TrainWindows({self.size} rows, {self.mode}, max_len={self.max_len})"
+
+    def num_targets(self) -> int:
+        """Training targets over all rows (prefix: one a row; last, all: len - 1 a row)."""
+        if self.mode == "prefix":
+            return self.size
+        starts, ends = self.bounds(np.arange(self.size))
+        return int((ends - starts - 1).sum())
+
+
+def train_windows(dataset: PreparedDataset, max_len: int, windows: str = "last") -> TrainWindows:
     """Item windows of up to max_len+1 items; users whose train sequence has one item give none."""
-    if windows not in ("last", "all"):
-        raise ValueError(f"windows must be 'last' or 'all', got {windows!r}")
-    out = []
-    for user in dataset.users:
-        seq = user.train
-        if len(seq) < 2:
-            continue
-        if windows == "last":
-            out.append(seq[-(max_len + 1):])
-            continue
-        end = len(seq)
-        while end > 1:  # windows end at the last item and overlap by one: every item from the 2nd on is a target once
-            out.append(seq[max(0, end - max_len - 1):end])
-            end -= max_len
-    return out
+    return TrainWindows.of(dataset, max_len, windows)
 
 
 def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -60,5 +149,10 @@ def rank_slice(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 
 
 def collate(windows: list[list[int]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows -> (inputs, targets), both [B, max_len], left-padded; target 0 means no target."""
-    return pad_left([w[:-1] for w in windows], max_len), pad_left([w[1:] for w in windows], max_len)
+    """Windows -> (inputs, targets), both [B, max_len], left-padded; target 0 means no target.
+    A PrefixRow keeps only its last target (the others are 0)."""
+    inputs, targets = pad_left([w[:-1] for w in windows], max_len), pad_left([w[1:] for w in windows], max_len)
+    prefix = [r for r, w in enumerate(windows) if isinstance(w, PrefixRow)]
+    if prefix:
+        targets[prefix, :-1] = 0
+    return inputs, targets
