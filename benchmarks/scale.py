@@ -1,0 +1,272 @@
+"""The system at catalogue scale on one machine: `synth` (scale mode) -> `prepare` -> `shard` ->
+`train-id` (one epoch, `sampled` loss) with full-ranking evaluation over all items, at 10^4, 10^5
+and 10^6 users (as many items), plus the per-step loss table of benchmarks/loss_memory.py, in one
+run, side by side.
+
+    .venv/bin/python benchmarks/scale.py                          # 1e4, 1e5, 1e6 users + loss rows
+    .venv/bin/python benchmarks/scale.py --users 10000 --loss-items 1000,10000   # quick look
+    .venv/bin/python benchmarks/scale.py --quality configs/ml100k.yaml,configs/ninerec_food.yaml
+
+The quality rows (`--quality`) train step 1 with each loss (`--quality-losses`) and seed on one
+prepared split of each real dataset, with the config's own train_id settings, and are merged into
+the results file (`quality`), so they can run apart from the scale rows.
+
+Every stage is the real CLI (`python -m launcher <stage> --config <generated yaml>`) in its own
+process; its wall and CPU seconds and peak RSS (ru_maxrss of that process, from os.wait4) are
+recorded. train-id's epoch and evaluation times come from its metrics.json. Evaluation ranks all
+items for a fixed seeded sample of `--eval-users` validation and test users (train_id.eval_users /
+test_users; the sample is stated in metrics.json) when the dataset has more users than that.
+Results: benchmarks/results/scale_cpu.json and, if matplotlib is installed, scale_cpu.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+STAGES = ("synth", "prepare", "shard", "train-id")
+
+
+def config(run_dir: Path, users: int, items: int, args) -> dict:
+    """The generated run config: the scale-mode synthetic catalogue and a one-epoch sampled step 1."""
+    sample = args.eval_users if users > args.eval_users else 0
+    train = {"hidden": args.hidden, "layers": 2, "heads": 2, "max_len": args.max_len, "batch_size": args.batch,
+             "epochs": 1, "patience": 1, "loss": "sampled", "num_negatives": args.negatives,
+             "eval_batch_size": 256, "eval_item_chunk": 65536, "eval_users": sample, "test_users": sample}
+    if args.sparse:
+        train["sparse_item_grad"] = True
+    return {"run_dir": str(run_dir), "seed": 0,
+            "data": {"format": "synth", "kcore": 5,
+                     "synth": {"seed": 0, "num_users": users, "num_items": items, "num_topics": 12,
+                               "images": False, "min_seq_len": 10, "max_seq_len": 30}},
+            "shard": {"items_per_shard": max(1000, items // 64), "users_per_shard": max(1000, users // 64)},
+            "train_id": train}
+
+
+def run_stage(stage: str, cfg_path: Path, timeout: int) -> dict:
+    """One CLI stage in a fresh process: wall s, CPU s (user + sys), peak RSS GB, or why it failed."""
+    cmd = [sys.executable, "-m", "launcher", stage, "--config", str(cfg_path)]
+    start = time.perf_counter()
+    log = open(cfg_path.with_suffix(f".{stage}.log"), "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    deadline = start + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            proc.kill()
+            os.wait4(proc.pid, 0)
+            return {"failed": f"over {timeout} s"}
+        time.sleep(0.2)
+    log.close()
+    row = {"wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+           "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
+    if os.waitstatus_to_exitcode(status):
+        tail = cfg_path.with_suffix(f".{stage}.log").read_text().strip().splitlines()[-1:]
+        row["failed"] = tail[0] if tail else f"exit {status}"
+    return row
+
+
+def pipeline_row(users: int, items: int, args) -> dict:
+    import yaml
+
+    folder = Path(tempfile.mkdtemp(prefix=f"scale_{users}_", dir=args.workdir))
+    cfg_path = folder / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(config(folder / "run", users, items, args)))
+    row = {"users": users, "items": items}
+    try:
+        for stage in STAGES:
+            row[stage] = run_stage(stage, cfg_path, args.timeout)
+            print(f"  {users:,} users: {stage} {row[stage]}", flush=True)
+            if "failed" in row[stage]:
+                break
+        else:
+            stats = json.loads((folder / "run" / "prepare" / "stats.json").read_text())
+            row["prepared"] = {k: stats[k] for k in ("users", "items", "interactions")}
+            m = json.loads((folder / "run" / "train_id" / "metrics.json").read_text())
+            row["train_id"] = {"epoch_s": round(m["seconds_per_epoch"], 1),
+                               "eval_s": round(m["eval_seconds_per_epoch"], 1),
+                               "sequences_per_s": round(m["sequences_per_s"]), "targets_per_s": round(m["targets_per_s"]),
+                               "eval_users": m["test"]["users"], "test_ndcg@10": round(m["test"]["ndcg@10"], 4),
+                               "test_hit@10": round(m["test"]["hit@10"], 4)}
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    return row
+
+
+def loss_rows(args) -> list[dict]:
+    """benchmarks/loss_memory.py's rows (one fresh process per row), in this run."""
+    out = Path(tempfile.mkstemp(suffix=".json", dir=args.workdir)[1])
+    cmd = [sys.executable, str(REPO / "benchmarks" / "loss_memory.py"), "--items", args.loss_items,
+           "--out", str(out)]
+    subprocess.run(cmd, cwd=REPO, check=True)
+    rows = json.loads(out.read_text())["rows"]
+    out.unlink()
+    return rows
+
+
+def run_cli(args_list: list[str], log: Path, timeout: int) -> None:
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, "-m", "launcher", *args_list], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                       check=True, timeout=timeout)
+
+
+def quality_rows(config_path: str, losses: list[str], seeds: list[int], args) -> list[dict]:
+    """Step 1 on a real dataset (the config's own train_id settings), one run per loss and seed on
+    the same prepared split (`prepare` runs once and is linked into every run)."""
+    base = Path(args.workdir or tempfile.gettempdir()) / f"scale_quality_{Path(config_path).stem}"
+    base.mkdir(parents=True, exist_ok=True)
+    run_cli(["prepare", "--config", config_path, "--set", f"run_dir={base / 'data'}"], base / "prepare.log",
+            args.timeout)
+    rows = []
+    for seed in seeds:
+        for loss in losses:
+            run = base / f"{loss}_seed{seed}"
+            run.mkdir(exist_ok=True)
+            if not (run / "prepare").exists():
+                (run / "prepare").symlink_to(base / "data" / "prepare")
+            start = time.perf_counter()
+            run_cli(["train-id", "--config", config_path, "--set", f"run_dir={run}", "--set", f"seed={seed}",
+                     "--set", f"train_id.loss={loss}"], run / "train_id.log", args.timeout)
+            m = json.loads((run / "train_id" / "metrics.json").read_text())
+            row = {"config": config_path, "loss": loss, "seed": seed, "wall_s": round(time.perf_counter() - start, 1),
+                   "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"],
+                   "seconds_per_epoch": round(m["seconds_per_epoch"], 2),
+                   **{f"test_{k}": m["test"][k] for k in ("ndcg@10", "hit@10")},
+                   **{f"valid_{k}": m["valid"][k] for k in ("ndcg@10", "hit@10")}}
+            rows.append(row)
+            print(f"  {Path(config_path).stem} seed {seed} {loss}: test ndcg@10 {row['test_ndcg@10']:.4f} "
+                  f"hit@10 {row['test_hit@10']:.4f} ({row['wall_s']} s)", flush=True)
+    return rows
+
+
+def quality_table(rows: list[dict]) -> str:
+    """Mean ± std over seeds per (dataset, loss), and the change of the mean against `full`."""
+    import statistics
+
+    lines = ["| dataset | loss | test NDCG@10 | vs full | test Hit@10 | vs full | epochs best/run | seeds |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        groups = {}
+        for r in rows:
+            if r["config"] == config:
+                groups.setdefault(r["loss"], []).append(r)
+        full = groups.get("full")
+        for loss, group in groups.items():
+            cells = []
+            for key in ("test_ndcg@10", "test_hit@10"):
+                values = [r[key] for r in group]
+                std = statistics.pstdev(values) if len(values) > 1 else 0.0
+                cells.append(f"{statistics.mean(values):.4f} ± {std:.4f}")
+                if full and loss != "full":
+                    ref = statistics.mean(r[key] for r in full)
+                    cells.append(f"{100 * (statistics.mean(values) / ref - 1):+.1f}%")
+                else:
+                    cells.append("-")
+            epochs = f"{statistics.mean(r['best_epoch'] for r in group):.0f}/{statistics.mean(r['epochs_run'] for r in group):.0f}"
+            lines.append(f"| {Path(config).stem} | {loss} | " + " | ".join(cells) + f" | {epochs} | {len(group)} |")
+    return "\n".join(lines)
+
+
+def cell(stage: dict) -> str:
+    return stage.get("failed") or f"{stage['wall_s']:.0f} s / {stage['peak_rss_gb']:.2f} GB"
+
+
+def tables(pipeline: list[dict]) -> str:
+    lines = ["| users | items | interactions | " + " | ".join(STAGES) + " | epoch s | eval s (users) | test NDCG@10 |",
+             "|---:|---:|---:|" + "---|" * len(STAGES) + "---:|---:|---:|"]
+    for r in pipeline:
+        t = r.get("train_id") or {}
+        lines.append(f"| {r['users']:,} | {r['items']:,} | {r.get('prepared', {}).get('interactions', 0):,} | "
+                     + " | ".join(cell(r[s]) if s in r else "-" for s in STAGES)
+                     + (f" | {t['epoch_s']} | {t['eval_s']} ({t['eval_users']:,}) | {t['test_ndcg@10']} |" if t else
+                        " | - | - | - |"))
+    return "\n".join(lines)
+
+
+def plot(pipeline: list[dict], losses: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for loss in sorted({r["loss"] + (" sparse" if r.get("sparse") else "") for r in losses}):
+        rows = [r for r in losses if r["loss"] + (" sparse" if r.get("sparse") else "") == loss and "peak_added_mb" in r]
+        a.plot([r["items"] for r in rows], [r["peak_added_mb"] for r in rows], marker="o", label=loss)
+    a.set(xscale="log", yscale="log", xlabel="items N", ylabel="peak RSS added by one step (MB)",
+          title="next-item loss, batch 128 x 50")
+    if losses:
+        a.legend()
+    for stage in STAGES:
+        rows = [r for r in pipeline if "failed" not in r.get(stage, {"failed": 1})]
+        b.plot([r["users"] for r in rows], [r[stage]["peak_rss_gb"] for r in rows], marker="o", label=stage)
+    b.axhline(12, color="grey", linestyle="--", label="12 GB")
+    b.set(xscale="log", xlabel="users (= items)", ylabel="peak RSS (GB)", title="stages, one process each")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--users", default="10000,100000,1000000", help="comma-separated user counts (items: as many)")
+    p.add_argument("--loss-items", default="1000,10000,100000,1000000", help="item counts of the loss rows ('' = none)")
+    p.add_argument("--batch", type=int, default=256, help="train_id.batch_size")
+    p.add_argument("--max-len", type=int, default=20, help="train_id.max_len (the users hold 10-30 items)")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--negatives", type=int, default=1024, help="train_id.num_negatives")
+    p.add_argument("--sparse", action="store_true", help="train_id.sparse_item_grad: row-sparse item-table updates")
+    p.add_argument("--eval-users", type=int, default=10000, help="validation/test user sample above this many users")
+    p.add_argument("--timeout", type=int, default=7200, help="seconds per stage")
+    p.add_argument("--workdir", default=None, help="where the runs go (default: the system temp folder)")
+    p.add_argument("--keep", action="store_true", help="keep the run folders")
+    p.add_argument("--quality", default="", help="comma-separated configs for the loss-quality rows, e.g. "
+                   "configs/ml100k.yaml,configs/ninerec_food.yaml (alone: only these rows run, merged into --out)")
+    p.add_argument("--quality-losses", default="full,chunked,sampled")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", default=str(RESULTS / "scale_cpu.json"))
+    args = p.parse_args()
+    out = Path(args.out)
+    if args.quality:
+        rows = [r for c in args.quality.split(",") for r in
+                quality_rows(c, args.quality_losses.split(","), [int(s) for s in args.seeds.split(",")], args)]
+        result = json.loads(out.read_text()) if out.exists() else {}
+        keep = [r for r in result.get("quality", []) if (r["config"], r["loss"], r["seed"]) not in
+                {(q["config"], q["loss"], q["seed"]) for q in rows}]
+        result["quality"] = keep + rows
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print("\n" + quality_table(result["quality"]))
+        return
+    pipeline = []
+    for users in [int(u) for u in args.users.split(",") if u]:
+        pipeline.append(pipeline_row(users, users, args))
+    losses = loss_rows(args) if args.loss_items else []
+    print("\n" + tables(pipeline))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "workdir", "keep")}
+    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                           "python": platform.python_version()},
+                               "settings": settings, "pipeline": pipeline, "losses": losses,
+                               "quality": previous.get("quality", [])}, indent=2) + "\n")
+    if plot(pipeline, losses, out.with_suffix(".png")):
+        print(f"plot: {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
