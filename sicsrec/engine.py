@@ -19,6 +19,11 @@ values are filled here: micro batch, gradient accumulation, global batch, clippi
 On CPU, DeepSpeed needs DS_ACCELERATOR=cpu (set here before it is imported) and a torch
 optimizer (`zero_allow_untested_optimizer`); it uses the gloo group that sicsrec.runtime.dist created.
 Gradient accumulation > 1 is DeepSpeed's job; the single and DDP engines step every micro batch.
+ZeRO-3 partitions every parameter above DeepSpeed's `stage3_param_persistence_threshold` (default
+1e5 elements: a large item table) over the ranks; a module whose forward uses parameters outside
+their own submodule's forward lists them in `external_parameters()` (registered with DeepSpeed
+here; parameters read by attribute, like `item_emb.weight` in a loss, DeepSpeed finds itself), and
+`gathered()` keeps them whole across the forwards of an evaluation.
 """
 from __future__ import annotations
 
@@ -205,9 +210,7 @@ class Engine:
         """Context in which `module`'s parameters are whole on every rank (ZeRO-3 partitions them).
         With modify=True, rank 0's changes inside the context are kept (all ranks must make them)."""
         if self.zero_stage == 3:
-            import deepspeed
-
-            return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0 if modify else None)
+            return _zero3_gathered(list(self.module.parameters()), modify)
         return contextlib.nullcontext()
 
     def module_state_dict(self) -> dict:
@@ -283,6 +286,26 @@ class Engine:
         return state["client_state"]
 
 
+@contextlib.contextmanager
+def _zero3_gathered(params: list[nn.Parameter], modify: bool):
+    """deepspeed.zero.GatheredParameters, whole until the exit even across forwards: ZeRO-3's
+    post-forward hooks re-partition a submodule's parameters after each of its forwards, so a
+    tensor taken from the module before an evaluation forward (the item table handed to
+    `evaluate`) would turn empty. Marked external (what DeepSpeed does to a parameter used
+    outside its module) for the context, no hook releases them; the exit partitions them."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        saved = [p.is_external_param for p in params]
+        for p in params:
+            p.is_external_param = True
+        try:
+            yield
+        finally:
+            for p, flag in zip(params, saved):
+                p.is_external_param = flag
+
+
 class CheckpointError(ValueError):
     """No checkpoint of a run can be read."""
 
@@ -339,6 +362,11 @@ def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, env: DistE
     config = load_ds_config(ds_config, micro_batch, grad_accum, env.world_size, grad_clip,
                             dtype == torch.bfloat16, zero_stage)
     ds_engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    if ds_engine.zero_optimization_stage() == 3:
+        # what the module's forward uses outside the forward of the submodule owning it (a loss
+        # term over weights): ZeRO-3 would hand it over partitioned (empty) and fail in backward
+        for param in getattr(module, "external_parameters", list)():
+            deepspeed.zero.register_external_parameter(module, param)
     dtype = torch.bfloat16 if config["bf16"]["enabled"] or config["torch_autocast"]["enabled"] else torch.float32
     return Engine(module, ds_optimizer, kind, env, device, dtype, ds_engine, ds_engine, grad_clip)
 
