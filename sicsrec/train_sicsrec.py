@@ -83,6 +83,10 @@ class SICSRecLoss(nn.Module):
         theta += [p for a in (model.text_adapter, model.image_adapter) if a is not None for p in a.parameters()]
         return [p for p in theta if p.requires_grad]
 
+    def external_parameters(self) -> list[nn.Parameter]:
+        """What forward uses outside their submodules' forwards (the L2 term): ZeRO-3 must gather them."""
+        return self.regularized() if self.reg > 0 else []
+
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
         model = self.recommender
         hidden = model.hidden_states(inputs)
