@@ -42,7 +42,8 @@ class TrainConfig:
     # Row-sparse item-table gradients (loss=sampled; engine single | ddp on gloo; the step-1 SASRec /
     # GRU4Rec only): the input lookup and the sampled candidates' rows give a sparse gradient, the
     # table is updated by SparseAdam (lazy Adam: only the rows a step touches; no weight decay on
-    # the table), the rest by AdamW (sicsrec.optim). Per-step memory no longer grows with N x d.
+    # the table), the rest by AdamW (sicsrec.optim); the candidates' logits are computed loss_chunk
+    # target rows at a time. Per-step memory then no longer grows with N (sicsrec.next_item).
     sparse_item_grad: bool = False
 
 

@@ -36,11 +36,16 @@ with a choice of how it is computed (`TrainConfig.loss`, i.e. `train_id.loss`,
   `popularity` approximates and `uniform` ignores. Under `uniform` the correction is the same
   constant on every column and changes nothing; it matters with `popularity`.
   Memory: [targets x unique candidates] logits, unique candidates <= min(N, global targets + K).
-  With `sparse_item_grad` (`<section>.sparse_item_grad`, sampled only) the candidates' rows are
-  gathered with a sparse `F.embedding`, so the table's gradient from the loss is a sparse
-  [unique candidates x d] tensor instead of a dense [N+1, d] one (the same numbers, densified);
-  with the model's sparse input lookup (SequentialRecommender.use_sparse_item_grad) and
-  SparseAdam (sicsrec.optim) no step allocates anything N x d.
+  With `sparse_item_grad` (`<section>.sparse_item_grad`, sampled only; the same loss and, densified,
+  the same gradients) the step holds nothing that grows with N: the candidates' rows are gathered
+  with a sparse `F.embedding`, so the table's gradient from the loss is a sparse [unique
+  candidates x d] tensor instead of a dense [N+1, d] one (with the model's sparse input lookup,
+  SequentialRecommender.use_sparse_item_grad, and SparseAdam, sicsrec.optim, nothing N x d is
+  allocated), and the [targets x unique candidates] logits are computed `loss_chunk` target rows
+  at a time as `chunked` does (logQ as the linear bias): the unique candidates themselves grow
+  with N (at N = 1e4 many of 6,400 + 1,024 draws collide, ~5,200 unique; at 1e6 ~7,400), and
+  their logits, not the table's gradient, set the step's peak memory up to 1e6 items
+  (benchmarks/loss_memory.py).
 
 Scaling across ranks: every mode returns this rank's CE *sum* and target count; the trainer
 scales the sum by world_size / global count and DDP/DeepSpeed average gradients. For `sampled`
@@ -157,8 +162,18 @@ def _full(hidden: Tensor, table: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(scores, targets, reduction="sum")
 
 
-def _chunk_ce(hidden: Tensor, table: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(hidden @ table.T, targets, reduction="sum")
+def _chunk_ce(hidden: Tensor, table: Tensor, targets: Tensor, bias: Tensor | None = None) -> Tensor:
+    logits = hidden @ table.T
+    return F.cross_entropy(logits if bias is None else logits + bias, targets, reduction="sum")
+
+
+def _linear_ce(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, bias: Tensor | None = None) -> Tensor:
+    """CE sum of (hidden @ weight.T + bias) against targets, `chunk` rows at a time: never the
+    whole [rows x columns] logit matrix (torch's linear_cross_entropy, else the checkpointed loop)."""
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk, chunking_method=None)
+        return F.linear_cross_entropy(hidden, weight, targets, linear_bias=bias, reduction="sum", options=options)
+    return _chunked_checkpointed(hidden, weight, targets, chunk, bias)
 
 
 def _chunked(hidden: Tensor, table: Tensor, targets: Tensor, chunk: int) -> Tensor:
@@ -170,15 +185,16 @@ def _chunked(hidden: Tensor, table: Tensor, targets: Tensor, chunk: int) -> Tens
     return _chunked_checkpointed(hidden, items, shifted, chunk)
 
 
-def _chunked_checkpointed(hidden: Tensor, items: Tensor, shifted: Tensor, chunk: int) -> Tensor:
+def _chunked_checkpointed(hidden: Tensor, items: Tensor, shifted: Tensor, chunk: int,
+                          bias: Tensor | None = None) -> Tensor:
     """Fallback (a torch without linear_cross_entropy): per chunk, logits recomputed in backward."""
     total = hidden.new_zeros(())
     for start in range(0, hidden.shape[0], chunk):
         rows = slice(start, start + chunk)
         if torch.is_grad_enabled() and (hidden.requires_grad or items.requires_grad):
-            total = total + checkpoint(_chunk_ce, hidden[rows], items, shifted[rows], use_reentrant=False)
+            total = total + checkpoint(_chunk_ce, hidden[rows], items, shifted[rows], bias, use_reentrant=False)
         else:
-            total = total + _chunk_ce(hidden[rows], items, shifted[rows])
+            total = total + _chunk_ce(hidden[rows], items, shifted[rows], bias)
     return total
 
 
@@ -204,15 +220,23 @@ def _sampled(hidden: Tensor, table: Tensor, targets: Tensor, params: NextItemPar
     ids = torch.cat([gather_rows(targets, sizes, with_grad=False), negatives])
     unique, inverse = torch.unique(ids, return_inverse=True)
     own = inverse[offset:offset + n]  # the row's positive among the unique candidates
-    # the candidates' rows: a sparse [unique x d] gradient for the table, or a dense [N+1, d] one
-    rows = F.embedding(unique, table, sparse=True) if params.sparse_item_grad else table[unique]
-    logits = hidden.float() @ rows.float().T
-    if params.logq:  # in place: the matmul keeps no output for its backward
-        if probs is None:  # uniform: the same constant on every candidate
-            logits = logits.sub_(-math.log(num_items))
-        else:
-            logits = logits.sub_(torch.log(probs[unique].float()).unsqueeze(0))
-    loss = F.cross_entropy(logits, own, reduction="sum")
+    if params.sparse_item_grad:
+        # the candidates' rows with a sparse [unique x d] gradient (not a dense [N+1, d] one), and
+        # their logits loss_chunk rows at a time: nothing of the step grows with N or N x d
+        rows = F.embedding(unique, table, sparse=True).float()
+        bias = None
+        if params.logq:
+            bias = (torch.full((unique.shape[0],), math.log(num_items), device=device) if probs is None
+                    else -torch.log(probs[unique].float()))
+        loss = _linear_ce(hidden.float(), rows, own, params.loss_chunk, bias)
+    else:
+        logits = hidden.float() @ table[unique].float().T
+        if params.logq:  # in place: the matmul keeps no output for its backward
+            if probs is None:  # uniform: the same constant on every candidate
+                logits = logits.sub_(-math.log(num_items))
+            else:
+                logits = logits.sub_(torch.log(probs[unique].float()).unsqueeze(0))
+        loss = F.cross_entropy(logits, own, reduction="sum")
     occurrences = torch.bincount(inverse, minlength=unique.shape[0])
     stats = {"accidental_hits": (occurrences[own] - 1).sum(),  # (row, column) pairs holding the row's positive
              "duplicate_columns": ids.shape[0] - unique.shape[0],  # columns repeating an earlier item

@@ -32,7 +32,7 @@ from tests.test_losses import _free_port
 from tests.test_train_id import TINY, _losses, _torchrun, make_dataset
 
 SINGLE = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=0, source="none")
-SAMPLED = dict(loss="sampled", num_negatives=6)
+SAMPLED = dict(loss="sampled", num_negatives=6, loss_chunk=4)  # sparse: the logits 4 target rows at a time
 NUM_ITEMS, LENGTH = 40, 6
 
 
@@ -106,16 +106,38 @@ def test_sampled_loss_sparse_candidates_equal_dense(sampler):
     results = []
     for sparse in (False, True):
         h, e = hidden.clone().requires_grad_(True), table.clone().requires_grad_(True)
-        params = NextItemParams(loss="sampled", sampler=sampler, sparse_item_grad=sparse)
+        params = NextItemParams(loss="sampled", sampler=sampler, sparse_item_grad=sparse, loss_chunk=3)
         out = next_item_loss(h, e, targets, params, probs if sampler == "popularity" else None, negatives=negatives)
         out.loss_sum.backward()
         assert e.grad.is_sparse == sparse
         results.append((out.loss_sum.detach(), h.grad, e.grad.to_dense(), out.stats))
     (loss_d, h_d, e_d, stats_d), (loss_s, h_s, e_s, stats_s) = results
-    torch.testing.assert_close(loss_s, loss_d, atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss_s, loss_d, atol=1e-6, rtol=1e-6)  # a sum of 18 CEs: fp32 rounding
     torch.testing.assert_close(h_s, h_d, atol=1e-6, rtol=0)
     torch.testing.assert_close(e_s, e_d, atol=1e-6, rtol=0)
     assert stats_s == stats_d
+
+
+def test_chunked_candidate_ce_fallback_equals_linear_cross_entropy(monkeypatch):
+    """A torch without F.linear_cross_entropy: the checkpointed chunk loop, logQ bias included."""
+    from sicsrec import next_item
+
+    g = torch.Generator().manual_seed(5)
+    hidden, rows = torch.randn(11, 8, generator=g), torch.randn(9, 8, generator=g)
+    bias, targets = torch.randn(9, generator=g), torch.randint(0, 9, (11,), generator=g)
+    results = []
+    for fallback in (False, True):
+        if fallback:
+            monkeypatch.delattr(next_item.F, "linear_cross_entropy")
+        h, w = hidden.clone().requires_grad_(True), rows.clone().requires_grad_(True)
+        loss = next_item._linear_ce(h, w, targets, 4, bias)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    reference = torch.nn.functional.cross_entropy(hidden @ rows.T + bias, targets, reduction="sum")
+    for got in results:
+        torch.testing.assert_close(got[0], reference, atol=1e-5, rtol=1e-6)
+    for a, b in zip(results[0], results[1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- the optimizer
