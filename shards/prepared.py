@@ -93,6 +93,7 @@ STORE_FILES = {name: f"sequences.{name}.npy" for name in
 _DTYPES = {"items": np.int32, "offsets": np.int64, "valid": np.int32, "test": np.int32, "user_ids": np.uint8,
            "user_id_offsets": np.int64}
 _CHUNK = 4096  # users per block when iterating
+_MAX_STEP = 64  # iterating rows with a larger step reads them one by one
 
 
 def _not_dense(row: int, user: int) -> ValueError:
@@ -149,22 +150,32 @@ class SequenceStore:
     @classmethod
     def from_users(cls, users: Iterable[UserSequence]) -> "SequenceStore":
         """From UserSequence objects (users 1..U in order)."""
-        items, lengths, valid, test, ids = array("i"), array("q", [0]), array("i"), array("i"), []
-        for row, u in enumerate(users):
-            if u.user != row + 1:
-                raise _not_dense(row, u.user)
-            items.extend(u.train)
-            lengths.append(len(u.train))
-            valid.append(u.valid)
-            test.append(u.test)
-            ids.append(u.user_id)
-        return cls(_array(items, np.int32), np.cumsum(_array(lengths, np.int64)), _array(valid, np.int32),
-                   _array(test, np.int32), *_encode_ids(ids))
+        return cls._build((u.user, u.user_id, u.train, u.valid, u.test) for u in users)
 
     @classmethod
     def from_jsonl(cls, path: Path) -> "SequenceStore":
         """sequences.jsonl read into the arrays in memory (prepare dirs without the store)."""
-        return cls.from_users(UserSequence(**r) for r in read_jsonl(path))
+        return cls._build((r["user"], r["user_id"], r["train"], r["valid"], r["test"]) for r in read_jsonl(path))
+
+    @classmethod
+    def _build(cls, users: Iterable[tuple[int, str, list[int], int, int]]) -> "SequenceStore":
+        """From (user, user_id, train, valid, test), users 1..U in order; grown in typed buffers
+        (about 4 bytes an item), no Python object kept per user."""
+        items, lengths, valid, test = array("i"), array("q", [0]), array("i"), array("i")
+        ids, id_lengths = bytearray(), array("q", [0])
+        for row, (user, user_id, train, v, t) in enumerate(users):
+            if user != row + 1:
+                raise _not_dense(row, user)
+            items.extend(train)
+            lengths.append(len(train))
+            valid.append(v)
+            test.append(t)
+            encoded = user_id.encode("utf-8")
+            ids += encoded
+            id_lengths.append(len(encoded))
+        return cls(_array(items, np.int32), np.cumsum(_array(lengths, np.int64)), _array(valid, np.int32),
+                   _array(test, np.int32), np.frombuffer(bytes(ids), np.uint8),
+                   np.cumsum(_array(id_lengths, np.int64)))
 
     # -- files
 
@@ -176,7 +187,8 @@ class SequenceStore:
     def open(cls, root: str | Path) -> "SequenceStore":
         """The store in `root`, memory-mapped (read-only)."""
         root = Path(root)
-        arrays = {name: np.load(root / file, mmap_mode="r") for name, file in STORE_FILES.items()}
+        # plain ndarray views of the maps (np.memmap's Python-level indexing costs ~3x per access)
+        arrays = {name: np.asarray(np.load(root / file, mmap_mode="r")) for name, file in STORE_FILES.items()}
         for name, a in arrays.items():
             if a.dtype != _DTYPES[name] or a.ndim != 1:
                 raise ValueError(f"{root / STORE_FILES[name]}: expected a 1-d {np.dtype(_DTYPES[name])} array, "
@@ -214,17 +226,18 @@ class SequenceStore:
         return UserSequence(row + 1, self.user_id(row), self.items[a:b].tolist(), int(self.valid[row]),
                             int(self.test[row]))
 
-    def block(self, start: int, stop: int) -> Iterator[UserSequence]:
-        """Users of rows start..stop-1, reading each array once."""
+    def block(self, start: int, stop: int, step: int = 1) -> Iterator[UserSequence]:
+        """Users of rows start, start+step, ... < stop (step >= 1), reading each array's span once."""
         offsets = self.offsets[start:stop + 1].tolist()
         base = offsets[0]
         items = self.items[base:offsets[-1]].tolist()
         id_offsets = self.user_id_offsets[start:stop + 1].tolist()
         id_base = id_offsets[0]
         ids = self.user_ids[id_base:id_offsets[-1]].tobytes()
-        for k, (v, t) in enumerate(zip(self.valid[start:stop].tolist(), self.test[start:stop].tolist())):
+        valid, test = self.valid[start:stop].tolist(), self.test[start:stop].tolist()
+        for k in range(0, stop - start, step):
             yield UserSequence(start + k + 1, ids[id_offsets[k] - id_base:id_offsets[k + 1] - id_base].decode("utf-8"),
-                               items[offsets[k] - base:offsets[k + 1] - base], v, t)
+                               items[offsets[k] - base:offsets[k + 1] - base], valid[k], test[k])
 
 
 class StoreWriter:
@@ -292,10 +305,11 @@ class UserSequences(Sequence):
 
     def __iter__(self) -> Iterator[UserSequence]:
         rows = self.rows
-        if rows.step != 1:
+        if not 1 <= rows.step <= _MAX_STEP:
             return (self.store.user(r) for r in rows)
-        return (u for s in range(rows.start, rows.stop, _CHUNK)
-                for u in self.store.block(s, min(s + _CHUNK, rows.stop)))
+        n = max(1, _CHUNK // rows.step)  # users per block: spans of about _CHUNK rows
+        return (u for c in range(0, len(rows), n) for sub in (rows[c:c + n],)
+                for u in self.store.block(sub.start, sub[-1] + 1, sub.step))
 
     def __eq__(self, other) -> bool:
         if isinstance(other, (UserSequences, list, tuple)):

@@ -16,7 +16,9 @@ same number of steps.
 """
 from __future__ import annotations
 
+import bisect
 import operator
+from itertools import chain
 
 import numpy as np
 import torch
@@ -28,12 +30,13 @@ WINDOWS = ("last", "all", "prefix")
 
 def pad_left(sequences: list[list[int]], max_len: int) -> torch.Tensor:
     """Keep each sequence's last max_len items and left-pad with 0 to a [B, max_len] tensor."""
-    out = torch.zeros(len(sequences), max_len, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        seq = seq[-max_len:]
-        if seq:
-            out[row, max_len - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
-    return out
+    kept = [seq[-max_len:] for seq in sequences]
+    lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
+    out = np.zeros((len(kept), max_len), dtype=np.int64)
+    # each row's last len positions, filled in row-major order: the items in order, right-aligned
+    out[np.arange(max_len) >= (max_len - lengths)[:, None]] = np.fromiter(
+        chain.from_iterable(kept), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(out)
 
 
 class PrefixRow(list):
@@ -67,6 +70,10 @@ class TrainWindows:
             counts = np.maximum(n - 1, 0)
         self.row_ends = np.cumsum(counts)  # [U] rows of users 0..u together
         self.size = int(self.row_ends[-1]) if len(self.row_ends) else 0
+        # windows[i] reads through memoryviews (no copies): a Python int per access, several
+        # times cheaper than indexing numpy arrays (or np.memmap) one element at a time
+        self._items, self._offsets, self._row_ends = (memoryview(np.ascontiguousarray(a))
+                                                      for a in (items, offsets, self.row_ends))
 
     @classmethod
     def of(cls, dataset: PreparedDataset, max_len: int, mode: str) -> "TrainWindows":
@@ -75,6 +82,9 @@ class TrainWindows:
 
     def __len__(self) -> int:
         return self.size
+
+    def __reduce__(self):  # the memoryviews do not pickle
+        return TrainWindows, (self.items, self.offsets, self.max_len, self.mode)
 
     def bounds(self, rows) -> tuple[np.ndarray, np.ndarray]:
         """(start, end) of rows (an int array) in the flat items, each row items[start:end]."""
@@ -96,12 +106,12 @@ class TrainWindows:
             i += self.size
         if not 0 <= i < self.size:
             raise IndexError(f"window {i} out of range 0..{self.size - 1}")
-        user = int(np.searchsorted(self.row_ends, i, side="right"))
-        k = i - (int(self.row_ends[user - 1]) if user else 0)
-        first, last = int(self.offsets[user]), int(self.offsets[user + 1])
-        n = last - first
+        user = bisect.bisect_right(self._row_ends, i)
+        k = i - (self._row_ends[user - 1] if user else 0)
+        first = self._offsets[user]
+        n = self._offsets[user + 1] - first
         end = n if self.mode == "last" else n - k * self.max_len if self.mode == "all" else k + 2
-        row = self.items[first + max(0, end - self.max_len - 1):first + end].tolist()
+        row = self._items[first + max(0, end - self.max_len - 1):first + end].tolist()
         return PrefixRow(row) if self.mode == "prefix" else row
 
     def __iter__(self):

@@ -12,7 +12,7 @@ import torch
 from shards.prepare import sequence_records
 from shards.prepared import (STORE_FILES, Item, PreparedDataset, SequenceStore, StoreWriter, UserSequence,
                              UserSequences, read_jsonl)
-from sicsrec.data import PrefixRow, TrainWindows, collate, epoch_batches, rank_slice, train_windows
+from sicsrec.data import PrefixRow, TrainWindows, collate, epoch_batches, pad_left, rank_slice, train_windows
 from sicsrec.evaluate import evaluate
 
 
@@ -30,6 +30,16 @@ def reference_windows(users, max_len: int, windows: str) -> list[list[int]]:
         while end > 1:
             out.append(seq[max(0, end - max_len - 1):end])
             end -= max_len
+    return out
+
+
+def reference_pad_left(sequences, max_len: int) -> torch.Tensor:
+    """pad_left before it was vectorised: row by row."""
+    out = torch.zeros(len(sequences), max_len, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        seq = seq[-max_len:]
+        if seq:
+            out[row, max_len - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
     return out
 
 
@@ -65,6 +75,7 @@ def test_store_round_trip_equals_the_jsonl(tmp_path, seed):
     assert [u.user_id for u in back.users] == [u.user_id for u in ds.users]
     assert back.users[-1] == records[-1] and back.users[5:17] == records[5:17]
     assert list(back.users[3::4]) == records[3::4] and list(back.users[1::3][2:9]) == records[1::3][2:9]
+    assert list(back.users[::100]) == records[::100] and list(back.users[::-3]) == records[::-3]
     assert back.items == ds.items and back.stats == ds.stats
     with pytest.raises(IndexError):
         back.users[len(records)]
@@ -76,10 +87,10 @@ def test_store_round_trip_equals_the_jsonl(tmp_path, seed):
 def test_store_is_memory_mapped_and_pickles_as_its_path(tmp_path):
     random_dataset(0).save(tmp_path)
     users = PreparedDataset.load(tmp_path).users
-    assert isinstance(users.store.items, np.memmap) and users.store.root == tmp_path
+    assert isinstance(users.store.items.base, np.memmap) and users.store.root == tmp_path
     part = users[10:20]
     again = pickle.loads(pickle.dumps(part))
-    assert again == part and isinstance(again.store.items, np.memmap)  # reopened, not copied
+    assert again == part and isinstance(again.store.items.base, np.memmap)  # reopened, not copied
     assert len(pickle.dumps(part)) < 1000
 
 
@@ -150,8 +161,9 @@ def test_windows_equal_the_list_implementation(tmp_path, seed, mode):
             for r in range(2):
                 idx = rank_slice(batch, r, 2)
                 got = collate([windows[i] for i in idx], max_len)
-                want = collate([ref[i] for i in idx], max_len)
-                assert all(torch.equal(g, w) for g, w in zip(got, want))
+                want = [reference_pad_left([w[:-1] for w in (ref[i] for i in idx)], max_len),
+                        reference_pad_left([w[1:] for w in (ref[i] for i in idx)], max_len)]
+                assert all(g.dtype == torch.long and torch.equal(g, w) for g, w in zip(got, want))
     with pytest.raises(IndexError):
         train_windows(ds, 3, mode)[10_000]
 
@@ -177,6 +189,14 @@ def test_prefix_rows_one_per_target(tmp_path):
     # mixed with plain windows, only the prefix rows lose their other targets
     inputs, target = collate([[1, 2, 3], PrefixRow([4, 5, 6])], 4)
     assert target.tolist() == [[0, 0, 2, 3], [0, 0, 0, 6]] and inputs.tolist() == [[0, 0, 1, 2], [0, 0, 4, 5]]
+
+
+def test_pad_left_equals_the_row_by_row_version():
+    rng = random.Random(0)
+    for max_len in (1, 2, 5, 50):
+        seqs = [[rng.randint(1, 10**6) for _ in range(rng.randint(0, 70))] for _ in range(rng.randint(0, 40))]
+        assert torch.equal(pad_left(seqs, max_len), reference_pad_left(seqs, max_len))
+    assert pad_left([], 4).shape == (0, 4) and pad_left([[], [3]], 2).tolist() == [[0, 0], [0, 3]]
 
 
 def test_window_modes_are_checked():
