@@ -37,7 +37,7 @@ with a choice of how it is computed (`TrainConfig.loss`, i.e. `train_id.loss`,
   constant on every column and changes nothing; it matters with `popularity`.
   Memory: [targets x unique candidates] logits, unique candidates <= min(N, global targets + K).
   With `sparse_item_grad` (`<section>.sparse_item_grad`, sampled only; the same loss and, densified,
-  the same gradients) the step holds nothing that grows with N: the candidates' rows are gathered
+  the same gradients) the step's memory has a bound independent of N: the candidates' rows are gathered
   with a sparse `F.embedding`, so the table's gradient from the loss is a sparse [unique
   candidates x d] tensor instead of a dense [N+1, d] one (with the model's sparse input lookup,
   SequentialRecommender.use_sparse_item_grad, and SparseAdam, sicsrec.optim, nothing N x d is
@@ -222,7 +222,7 @@ def _sampled(hidden: Tensor, table: Tensor, targets: Tensor, params: NextItemPar
     own = inverse[offset:offset + n]  # the row's positive among the unique candidates
     if params.sparse_item_grad:
         # the candidates' rows with a sparse [unique x d] gradient (not a dense [N+1, d] one), and
-        # their logits loss_chunk rows at a time: nothing of the step grows with N or N x d
+        # their logits loss_chunk rows at a time: [loss_chunk x unique], unique <= global targets + K
         rows = F.embedding(unique, table, sparse=True).float()
         bias = None
         if params.logq:
