@@ -10,7 +10,8 @@ and the candidates' logits are computed `--sparse-chunk` target rows at a time (
 default 1024, train_id's); the growth of "peak added" from N = 1e4 to 1e6 is printed per loss
 (target for sampled_sparse: <= 1.2x). `--optimizer` also times the optimizer step of each row after the memory is read
 (sicsrec.optim.build_optimizer: AdamW, or SparseAdam + AdamW for sampled_sparse; its state is
-not in "peak added"). `--merge` replaces the measured rows in the results JSON and keeps the others.
+not in "peak added"). `--merge` replaces the measured rows in the results JSON and keeps the others. `--repeats R` runs
+each configuration R times (fresh subprocesses) and keeps the median-memory run, listing all R.
 
 For every (loss, N) the parent starts a fresh subprocess that builds NextItemLoss(SASRec(N, 64))
 (2 layers, 2 heads, max_len 50, the step-1 defaults) and a batch of 128 sequences x 50 positions
@@ -144,6 +145,8 @@ def main() -> None:
     parser.add_argument("--negatives", type=int, default=1024, help="sampled: shared negatives (train_id.num_negatives)")
     parser.add_argument("--steps", type=int, default=1, help="timed steps after the first")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="fresh subprocesses per configuration; the row is the median-memory one")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per configuration")
     parser.add_argument("--optimizer", action="store_true", help="also time the optimizer step (optimizer_step_s)")
     parser.add_argument("--merge", action="store_true",
@@ -171,14 +174,7 @@ def main() -> None:
         for loss in losses:
             if loss == "full" and n > FULL_MAX_ITEMS:
                 continue
-            cmd = [sys.executable, __file__, f"--one={loss},{n}", *passthrough]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
-                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                row = json.loads(lines[-1][7:]) if lines else {"loss": loss, "items": n,
-                                                                "error": proc.stderr.strip()[-500:]}
-            except subprocess.TimeoutExpired:
-                row = {"loss": loss, "items": n, "error": f"timeout after {args.timeout} s"}
+            row = _repeated([_child(loss, n, passthrough, args.timeout) for _ in range(args.repeats)])
             row["revision"] = revision
             rows.append(row)
             print(_format_row(row), flush=True)
@@ -211,6 +207,30 @@ def main() -> None:
     for loss, ratio in growth.items():
         print(f"peak added, N = 1e4 -> 1e6, {loss}: {ratio}x")
     print(f"\nwritten to {out}")
+
+
+def _child(loss: str, n: int, passthrough: list[str], timeout: int) -> dict:
+    """One configuration in a fresh subprocess."""
+    cmd = [sys.executable, __file__, f"--one={loss},{n}", *passthrough]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        return json.loads(lines[-1][7:]) if lines else {"loss": loss, "items": n, "error": proc.stderr.strip()[-500:]}
+    except subprocess.TimeoutExpired:
+        return {"loss": loss, "items": n, "error": f"timeout after {timeout} s"}
+
+
+def _repeated(runs: list[dict]) -> dict:
+    """One row from --repeats fresh subprocesses: the run with the (lower) median peak added, every run's
+    peak added and step time listed (a single run: that run)."""
+    ok = [r for r in runs if "error" not in r]
+    if len(runs) == 1 or not ok:
+        return runs[0]
+    ok.sort(key=lambda r: r["peak_added_mb"])
+    row = dict(ok[(len(ok) - 1) // 2])
+    row["repeats"] = {"peak_added_mb": [r["peak_added_mb"] for r in runs if "error" not in r],
+                      "step_s": [r["step_s"] for r in runs if "error" not in r], "failed": len(runs) - len(ok)}
+    return row
 
 
 def _revision() -> str:
