@@ -91,7 +91,7 @@ class TrainWindows:
         rows = np.asarray(rows, dtype=np.int64)
         if not rows.size:
             return rows.copy(), rows.copy()
-        if (rows.min() < 0 or rows.max() >= self.size):
+        if rows.min() < 0 or rows.max() >= self.size:
             raise IndexError(f"window rows out of range 0..{self.size - 1}")
         user = np.searchsorted(self.row_ends, rows, side="right")
         k = rows - np.where(user > 0, self.row_ends[user - 1], 0)
@@ -162,7 +162,9 @@ def collate(windows: list[list[int]], max_len: int) -> tuple[torch.Tensor, torch
     """Windows -> (inputs, targets), both [B, max_len], left-padded; target 0 means no target.
     A PrefixRow keeps only its last target (the others are 0)."""
     inputs, targets = pad_left([w[:-1] for w in windows], max_len), pad_left([w[1:] for w in windows], max_len)
-    prefix = [r for r, w in enumerate(windows) if isinstance(w, PrefixRow)]
-    if prefix:
+    prefix = torch.tensor([isinstance(w, PrefixRow) for w in windows], dtype=torch.bool)
+    if prefix.all():
+        targets[:, :-1] = 0
+    elif prefix.any():
         targets[prefix, :-1] = 0
     return inputs, targets
