@@ -205,7 +205,8 @@ def test_one_step_sparse_adam_and_adamw_against_a_reference(kind, weight_decay, 
     state = optimizer.sparse.state[module.recommender.item_emb.weight]
     assert int(state["step"]) == 2
     untouched = ~(moved[0] | moved[1])
-    assert untouched.any() and (state["exp_avg"][untouched] == 0).all() and (state["exp_avg_sq"][untouched] == 0).all()
+    assert untouched.any()
+    assert (state["exp_avg"][untouched] == 0).all() and (state["exp_avg_sq"][untouched] == 0).all()
 
 
 def test_gradient_clipping_of_sparse_gradients_is_that_of_dense_ones():
@@ -251,7 +252,8 @@ def test_checkpoint_round_trip_of_the_combined_optimizer(tmp_path):
         assert restored["param_groups"] == original["param_groups"]
         for key, values in original["state"].items():
             for field, value in values.items():
-                assert torch.equal(torch.as_tensor(restored["state"][key][field]), torch.as_tensor(value)), (name, field)
+                restored_value = torch.as_tensor(restored["state"][key][field])
+                assert torch.equal(restored_value, torch.as_tensor(value)), (name, field)
     for seed in (3, 4):  # and both continue alike
         step(engine, seed)
         step(resumed, seed)
