@@ -59,6 +59,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -119,11 +120,8 @@ class NextItemOutput(NamedTuple):
 def item_counts(dataset) -> Tensor:
     """[N+1] float64 training frequency of every item (padding 0 gets 0), from the users'
     training sequences of a PreparedDataset (validation and test items are not counted)."""
-    counts = torch.zeros(dataset.num_items + 1, dtype=torch.float64)
-    items = [i for user in dataset.users for i in user.train]
-    if items:
-        counts.index_add_(0, torch.tensor(items, dtype=torch.long), torch.ones(len(items), dtype=torch.float64))
-    return counts
+    items = torch.from_numpy(np.asarray(dataset.sequence_store().items, dtype=np.int64))
+    return torch.bincount(items, minlength=dataset.num_items + 1).double()
 
 
 def popularity_probs(counts: Tensor) -> Tensor:
