@@ -225,7 +225,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", default="10000,100000,1000000", help="comma-separated user counts (items: as many)")
     p.add_argument("--loss-items", default="1000,10000,100000,1000000", help="item counts of the loss rows ('' = none)")
-    p.add_argument("--batch", type=int, default=256, help="train_id.batch_size")
+    p.add_argument("--batch", type=int, default=128, help="train_id.batch_size")
     p.add_argument("--max-len", type=int, default=20, help="train_id.max_len (the users hold 10-30 items)")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--negatives", type=int, default=1024, help="train_id.num_negatives")
