@@ -31,16 +31,11 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from sicsrec.config import EncoderConfig
+from sicsrec.models.sasrec import masked_mean as mean_pool  # token states where attention_mask is 1
 from sicsrec.tokenizer import load_tokenizer, train_wordpiece
 
 TINY_BERT = "tiny-bert"
 NO_IMAGE = ("", "none")
-
-
-def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
-    """Average of the token states where attention_mask is 1 (padding ignored)."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 class TextEncoder(nn.Module):

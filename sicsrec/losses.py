@@ -28,6 +28,8 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from sicsrec.models.sasrec import masked_mean
+
 
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -215,12 +217,6 @@ def concl_loss(user: Tensor, content: Tensor, target_ids: Tensor, temperature: f
     repeated target items masked."""
     return info_nce(user, content, temperature, key_ids=target_ids, normalize=normalize,
                     local_negatives=local_negatives)
-
-
-def masked_mean(seq: Tensor, mask: Tensor) -> Tensor:
-    """(B, T, d), (B, T) bool -> (B, d) mean over the valid time steps."""
-    weights = mask.unsqueeze(-1).to(seq.dtype)
-    return (seq * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def user_contrastive_loss(seq_id: Tensor, seq_con: Tensor, mask: Tensor, temperature: float,

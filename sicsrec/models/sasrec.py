@@ -41,6 +41,23 @@ def causal_padding_mask(items: torch.Tensor) -> torch.Tensor:
     return ((causal & real_key) | self_only)[:, None]
 
 
+def masked_mean(seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, d] states, [B, T] mask (bool or 0/1) -> [B, d] mean over the positions where mask
+    is set (padding ignored; an all-padding row gives 0). The one copy behind
+    sicsrec.encoders.mean_pool, sicsrec.models.tssr.mean_pool and sicsrec.losses.masked_mean."""
+    weights = mask.unsqueeze(-1).to(seq.dtype)
+    return (seq * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def tied_logits(hidden: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """[..., d] states, [N+1, d] item table (row 0 = padding) -> [..., N+1] fp32 scores
+    h . e_item; padding item 0 is never a candidate (-inf). Every model's `logits`."""
+    with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits: bf16 would tie many items
+        scores = hidden.float() @ table.float().T
+    scores[..., 0] = float("-inf")
+    return scores
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, hidden: int, heads: int, dropout: float):
         super().__init__()
@@ -130,11 +147,7 @@ class SequentialRecommender(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., N+1] fp32 scores h . e_item; padding item 0 is never a candidate (-inf)."""
-        table = self.item_table()
-        with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits: bf16 would tie many items
-            scores = hidden.float() @ table.float().T
-        scores[..., 0] = float("-inf")
-        return scores
+        return tied_logits(hidden, self.item_table())
 
     def score_all(self, items: torch.Tensor) -> torch.Tensor:
         """[B, L] histories -> [B, N+1] scores over all items (the evaluation `score_fn`)."""

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sicsrec.models.sasrec import TransformerBlock, _init_weights, causal_padding_mask, item_positions
+from sicsrec.models.sasrec import (TransformerBlock, _init_weights, causal_padding_mask, item_positions,
+                                   tied_logits)
+from sicsrec.models.sasrec import masked_mean as mean_pool  # the mean over real positions (L_u's F̃)
 from sicsrec.models.sicsrec import CrossAttentionBlock
 
 
@@ -88,14 +90,4 @@ class TSSR(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., N+1] fp32 scores F . M_id; padding item 0 is never a candidate (-inf)."""
-        table = self.item_table()
-        with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits: bf16 would tie many items
-            scores = hidden.float() @ table.float().T
-        scores[..., 0] = float("-inf")
-        return scores
-
-
-def mean_pool(states: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Mean over real (non-padding) positions: the sequence representation of L_u (F̃)."""
-    weights = real.to(states.dtype)[..., None]
-    return (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return tied_logits(hidden, self.item_table())
