@@ -69,13 +69,16 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, hidden)
         self.out_proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Queries from x [B, L, d]; keys/values from x, or from `context` [B, L, d] (another
+        sequence of the same length: cross-attention, SICSRec's MMSD and TSSR's cross blocks)."""
         batch, length, hidden = x.shape
+        source = x if context is None else context
 
         def split(t):
             return t.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
 
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(source)), split(self.v_proj(source))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, hidden))
@@ -103,8 +106,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(hidden, eps=1e-12)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, mask):
-        x = self.attn_norm(x + self.drop(self.attn(x, mask)))
+    def forward(self, x, mask, context=None):
+        x = self.attn_norm(x + self.drop(self.attn(x, mask, context)))
         return self.ffn_norm(x + self.drop(self.ffn(x)))
 
 

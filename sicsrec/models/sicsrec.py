@@ -55,16 +55,7 @@ class CrossAttentionBlock(TransformerBlock):
     """A TransformerBlock whose keys/values come from another sequence (eq. 13-14)."""
 
     def forward(self, x, context, mask):
-        a = self.attn
-        batch, length, hidden = x.shape
-
-        def split(t):
-            return t.view(batch, length, a.heads, hidden // a.heads).transpose(1, 2)
-
-        q, k, v = split(a.q_proj(x)), split(a.k_proj(context)), split(a.v_proj(context))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=a.dropout if self.training else 0.0)
-        x = self.attn_norm(x + self.drop(a.out_proj(out.transpose(1, 2).reshape(batch, length, hidden))))
-        return self.ffn_norm(x + self.drop(self.ffn(x)))
+        return super().forward(x, mask, context)
 
 
 class SICSRec(nn.Module):
