@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from sicsrec.models.sasrec import PositionalTransformer, _init_weights
-from sicsrec.models.sicsrec import Adapter
+from sicsrec.models.sicsrec import ContentTables
 
 VARIANTS = ("content", "hybrid")
 
 
-class ContentSASRec(PositionalTransformer):
+class ContentSASRec(ContentTables, PositionalTransformer):
     def __init__(self, variant: str, text_table: torch.Tensor | None, image_table: torch.Tensor | None,
                  has_image: torch.Tensor | None = None, hidden: int = 64, layers: int = 2, heads: int = 2,
                  dropout: float = 0.5, max_len: int = 50, ffn_dim: int = 0, activation: str = "relu"):
@@ -31,16 +31,9 @@ class ContentSASRec(PositionalTransformer):
             raise ValueError("SASRec-Content/Hybrid need a text or an image embedding table")
         num_rows = (text_table if text_table is not None else image_table).shape[0]
         self.variant, self.num_items = variant, num_rows - 1
-        for name, table in (("text_table", text_table), ("image_table", image_table)):
-            if table is not None and table.shape[0] != num_rows:
-                raise ValueError(f"{name} has {table.shape[0]} rows, expected {num_rows}")
-            self.register_buffer(name, None if table is None else table.float().clone())
-        mask = has_image if has_image is not None else torch.ones(num_rows, dtype=torch.bool)
-        self.register_buffer("has_image", mask.bool().clone())
         # No dropout inside the adapters: the scoring table must be the same at train and test time
         # (dropout acts on the sequence input, after the positions, as in SASRec).
-        self.text_adapter = Adapter(text_table.shape[1], hidden, 0.0) if text_table is not None else None
-        self.image_adapter = Adapter(image_table.shape[1], hidden, 0.0) if image_table is not None else None
+        self.add_content_tables(text_table, image_table, has_image, num_rows, hidden, 0.0)
         self.item_emb = nn.Embedding(num_rows, hidden, padding_idx=0) if variant == "hybrid" else None
         self.fuse = nn.Linear(2 * hidden, hidden) if variant == "hybrid" else None
         self.build_encoder(hidden, layers, heads, dropout, max_len, ffn_dim, activation)
@@ -51,10 +44,9 @@ class ContentSASRec(PositionalTransformer):
         if items is None:
             items = torch.arange(self.num_items + 1, device=self.pos_emb.weight.device)
         content = 0
-        if self.text_adapter is not None:
-            content = content + self.text_adapter(self.text_table[items])
-        if self.image_adapter is not None:
-            content = content + self.image_adapter(self.image_table[items]) * self.has_image[items, None]
+        for part in self.adapted_content(items):
+            if part is not None:
+                content = content + part
         if self.variant == "content":
             return content
         return self.fuse(torch.cat([self.item_emb(items), content], dim=-1))

@@ -51,6 +51,38 @@ class Adapter(nn.Sequential):
         super().__init__(nn.Linear(dim_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
 
 
+class ContentTables(nn.Module):
+    """Cached text / image item embeddings [N+1, dim] as buffers (saved with the model, never
+    trained: `text_table`, `image_table`, `has_image`) and their trainable MLP adapters to d
+    (`text_adapter`, `image_adapter`); a missing table has neither. Shared by SICSRec and the
+    SASRec-Content/Hybrid baselines (sicsrec.models.content_sasrec)."""
+
+    text_table: torch.Tensor | None
+    image_table: torch.Tensor | None
+    has_image: torch.Tensor
+
+    def add_content_tables(self, text_table: torch.Tensor | None, image_table: torch.Tensor | None,
+                           has_image: torch.Tensor | None, rows: int, hidden: int, dropout: float) -> None:
+        """Register the tables (each must have `rows` = N+1 rows) and build their adapters."""
+        for name, table in (("text_table", text_table), ("image_table", image_table)):
+            if table is not None and table.shape[0] != rows:
+                raise ValueError(f"{name} has {table.shape[0]} rows, expected {rows} (padding + items)")
+            self.register_buffer(name, None if table is None else table.float().clone())
+        mask = has_image if has_image is not None else torch.ones(rows, dtype=torch.bool)
+        self.register_buffer("has_image", mask.bool().clone())
+        self.text_adapter = Adapter(text_table.shape[1], hidden, dropout) if text_table is not None else None
+        self.image_adapter = Adapter(image_table.shape[1], hidden, dropout) if image_table is not None else None
+
+    def adapted_content(self, items: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(text, image) adapter outputs [..., d] of items, None for a missing table; the image
+        row is masked (zero) for items without an image, not a zero vector through the bias."""
+        text = self.text_adapter(self.text_table[items]) if self.text_adapter is not None else None
+        image = None
+        if self.image_adapter is not None:
+            image = self.image_adapter(self.image_table[items]) * self.has_image[items, None]
+        return text, image
+
+
 class CrossAttentionBlock(TransformerBlock):
     """A TransformerBlock whose keys/values come from another sequence (eq. 13-14)."""
 
@@ -58,7 +90,7 @@ class CrossAttentionBlock(TransformerBlock):
         return super().forward(x, mask, context)
 
 
-class SICSRec(nn.Module):
+class SICSRec(ContentTables):
     def __init__(self, id_encoder: SASRec, text_table: torch.Tensor | None, image_table: torch.Tensor | None,
                  has_image: torch.Tensor | None = None, content_layers: int = 2, decoder_layers: int = 1,
                  heads: int = 2, dropout: float = 0.5, variant: SICSRecVariant | None = None,
@@ -76,15 +108,7 @@ class SICSRec(nn.Module):
         self.id_encoder = id_encoder
         hidden, num_items = id_encoder.item_emb.embedding_dim, id_encoder.num_items
         self.max_len = id_encoder.max_len
-        # Cached content embeddings are buffers: saved with the model, never trained.
-        for name, table in (("text_table", text_table), ("image_table", image_table)):
-            if table is not None and table.shape[0] != num_items + 1:
-                raise ValueError(f"{name} has {table.shape[0]} rows, expected {num_items + 1} (padding + items)")
-            self.register_buffer(name, None if table is None else table.float().clone())
-        mask = has_image if has_image is not None else torch.ones(num_items + 1, dtype=torch.bool)
-        self.register_buffer("has_image", mask.bool().clone())
-        self.text_adapter = Adapter(text_table.shape[1], hidden, dropout) if text_table is not None else None
-        self.image_adapter = Adapter(image_table.shape[1], hidden, dropout) if image_table is not None else None
+        self.add_content_tables(text_table, image_table, has_image, num_items + 1, hidden, dropout)
         self.content_pos = nn.Embedding(self.max_len, hidden)
         self.content_pos.weight.data.copy_(id_encoder.pos_emb.weight.data)
         self.content_norm = nn.LayerNorm(hidden, eps=1e-12)
@@ -157,10 +181,7 @@ class SICSRec(nn.Module):
     # -- content ------------------------------------------------------------------------------
     def content_embedding(self, items: torch.Tensor) -> list[torch.Tensor]:
         """Item content embeddings [..., d]: one unified (eq. 10), or [text, image] without L2-norm."""
-        text = self.text_adapter(self.text_table[items]) if self.text_adapter is not None else None
-        image = None
-        if self.image_adapter is not None:
-            image = self.image_adapter(self.image_table[items]) * self.has_image[items, None]
+        text, image = self.adapted_content(items)
         if text is None or image is None:
             return [F.normalize(text if image is None else image, dim=-1)]
         if self.variant.l2norm:
