@@ -83,7 +83,7 @@ def pipeline_row(users: int, items: int, args) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"scale_{users}_", dir=args.workdir))
     cfg_path = folder / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config(folder / "run", users, items, args)))
-    row = {"users": users, "items": items}
+    row = {"users": users, "items": items, "argv": sys.argv[1:]}
     try:
         for stage in STAGES:
             row[stage] = run_stage(stage, cfg_path, args.timeout)
@@ -184,11 +184,13 @@ def cell(stage: dict) -> str:
 
 
 def tables(pipeline: list[dict]) -> str:
-    lines = ["| users | items | interactions | " + " | ".join(STAGES) + " | epoch s | eval s (users) | test NDCG@10 |",
+    lines = ["| users | items generated / after 5-core | interactions | " + " | ".join(STAGES)
+             + " | epoch s | eval s (users) | test NDCG@10 |",
              "|---:|---:|---:|" + "---|" * len(STAGES) + "---:|---:|---:|"]
     for r in pipeline:
-        t = r.get("train_id") or {}
-        lines.append(f"| {r['users']:,} | {r['items']:,} | {r.get('prepared', {}).get('interactions', 0):,} | "
+        t, prepared = r.get("train_id") or {}, r.get("prepared", {})
+        lines.append(f"| {r['users']:,} | {r['items']:,} / {prepared.get('items', 0):,} | "
+                     f"{prepared.get('interactions', 0):,} | "
                      + " | ".join(cell(r[s]) if s in r else "-" for s in STAGES)
                      + (f" | {t['epoch_s']} | {t['eval_s']} ({t['eval_users']:,}) | {t['test_ndcg@10']} |" if t else
                         " | - | - | - |"))
@@ -196,25 +198,32 @@ def tables(pipeline: list[dict]) -> str:
 
 
 def plot(pipeline: list[dict], losses: list[dict], path: Path) -> bool:
+    """Left: peak memory of one loss step against N (this run's loss rows, else the standing
+    results of benchmarks/loss_memory.py). Right: each stage's peak RSS against users (per user
+    count the last row)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    source = "this run"
+    if not losses and (RESULTS / "loss_memory_cpu.json").exists():
+        losses, source = json.loads((RESULTS / "loss_memory_cpu.json").read_text())["rows"], "loss_memory_cpu.json"
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for loss in sorted({r["loss"] + (" sparse" if r.get("sparse") else "") for r in losses}):
-        rows = [r for r in losses if r["loss"] + (" sparse" if r.get("sparse") else "") == loss and "peak_added_mb" in r]
+    for loss in dict.fromkeys(r["loss"] for r in losses):
+        rows = sorted((r for r in losses if r["loss"] == loss and "peak_added_mb" in r), key=lambda r: r["items"])
         a.plot([r["items"] for r in rows], [r["peak_added_mb"] for r in rows], marker="o", label=loss)
     a.set(xscale="log", yscale="log", xlabel="items N", ylabel="peak RSS added by one step (MB)",
-          title="next-item loss, batch 128 x 50")
+          title=f"next-item loss step, batch 128 x 50 ({source})")
     if losses:
         a.legend()
+    last = {r["users"]: r for r in pipeline}
     for stage in STAGES:
-        rows = [r for r in pipeline if "failed" not in r.get(stage, {"failed": 1})]
+        rows = [r for _, r in sorted(last.items()) if "failed" not in r.get(stage, {"failed": 1})]
         b.plot([r["users"] for r in rows], [r[stage]["peak_rss_gb"] for r in rows], marker="o", label=stage)
     b.axhline(12, color="grey", linestyle="--", label="12 GB")
-    b.set(xscale="log", xlabel="users (= items)", ylabel="peak RSS (GB)", title="stages, one process each")
+    b.set(xscale="log", xlabel="users", ylabel="peak RSS (GB)", title="pipeline stages, one process each")
     b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -224,6 +233,8 @@ def plot(pipeline: list[dict], losses: list[dict], path: Path) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", default="10000,100000,1000000", help="comma-separated user counts (items: as many)")
+    p.add_argument("--items", default="", help="comma-separated item counts generated, one per --users entry "
+                   "(default: as many as users; k-core 5 then drops the rarest, so generate more to keep 10^6)")
     p.add_argument("--loss-items", default="1000,10000,100000,1000000", help="item counts of the loss rows ('' = none)")
     p.add_argument("--batch", type=int, default=128, help="train_id.batch_size")
     p.add_argument("--max-len", type=int, default=20, help="train_id.max_len (the users hold 10-30 items)")
@@ -234,6 +245,7 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=7200, help="seconds per stage")
     p.add_argument("--workdir", default=None, help="where the runs go (default: the system temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the run folders")
+    p.add_argument("--append", action="store_true", help="keep the results file's rows of other sizes")
     p.add_argument("--quality", default="", help="comma-separated configs for the loss-quality rows, e.g. "
                    "configs/ml100k.yaml,configs/ninerec_food.yaml (alone: only these rows run, merged into --out)")
     p.add_argument("--quality-losses", default="full,chunked,sampled")
@@ -253,13 +265,21 @@ def main() -> None:
         print("\n" + quality_table(result["quality"]))
         return
     pipeline = []
-    for users in [int(u) for u in args.users.split(",") if u]:
-        pipeline.append(pipeline_row(users, users, args))
+    users = [int(u) for u in args.users.split(",") if u]
+    items = [int(i) for i in args.items.split(",")] if args.items else users
+    if len(items) != len(users):
+        p.error("--items needs one count per --users entry")
+    for n_users, n_items in zip(users, items):
+        pipeline.append(pipeline_row(n_users, n_items, args))
     losses = loss_rows(args) if args.loss_items else []
     print("\n" + tables(pipeline))
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else {}
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "workdir", "keep")}
+    if args.append:  # keep the earlier rows of other sizes (e.g. one more size run on its own)
+        pipeline = [r for r in previous.get("pipeline", []) if (r["users"], r["items"]) not in
+                    {(q["users"], q["items"]) for q in pipeline}] + pipeline
+        losses = losses or previous.get("losses", [])
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "workdir", "keep", "append")}
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                            "python": platform.python_version()},
                                "settings": settings, "pipeline": pipeline, "losses": losses,
