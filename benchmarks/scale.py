@@ -47,7 +47,8 @@ def config(run_dir: Path, users: int, items: int, args) -> dict:
     return {"run_dir": str(run_dir), "seed": 0,
             "data": {"format": "synth", "kcore": 5,
                      "synth": {"seed": 0, "num_users": users, "num_items": items, "num_topics": 12,
-                               "images": False, "min_seq_len": 10, "max_seq_len": 30}},
+                               "images": False, "min_seq_len": 10, "max_seq_len": 30,
+                               "popularity_exponent": args.popularity_exponent}},
             "shard": {"items_per_shard": max(1000, items // 64), "users_per_shard": max(1000, users // 64)},
             "train_id": train}
 
@@ -83,7 +84,7 @@ def pipeline_row(users: int, items: int, args) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"scale_{users}_", dir=args.workdir))
     cfg_path = folder / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config(folder / "run", users, items, args)))
-    row = {"users": users, "items": items, "argv": sys.argv[1:]}
+    row = {"users": users, "items": items, "popularity_exponent": args.popularity_exponent, "argv": sys.argv[1:]}
     try:
         for stage in STAGES:
             row[stage] = run_stage(stage, cfg_path, args.timeout)
@@ -235,6 +236,8 @@ def main() -> None:
     p.add_argument("--users", default="10000,100000,1000000", help="comma-separated user counts (items: as many)")
     p.add_argument("--items", default="", help="comma-separated item counts generated, one per --users entry "
                    "(default: as many as users; k-core 5 then drops the rarest, so generate more to keep 10^6)")
+    p.add_argument("--popularity-exponent", type=float, default=0.8,
+                   help="data.synth.popularity_exponent (Zipf-like skew; 0.5 keeps nearly every item through 5-core)")
     p.add_argument("--loss-items", default="1000,10000,100000,1000000", help="item counts of the loss rows ('' = none)")
     p.add_argument("--batch", type=int, default=128, help="train_id.batch_size")
     p.add_argument("--max-len", type=int, default=20, help="train_id.max_len (the users hold 10-30 items)")
@@ -276,8 +279,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else {}
     if args.append:  # keep the earlier rows of other sizes (e.g. one more size run on its own)
-        pipeline = [r for r in previous.get("pipeline", []) if (r["users"], r["items"]) not in
-                    {(q["users"], q["items"]) for q in pipeline}] + pipeline
+        def size(r):
+            return r["users"], r["items"], r.get("popularity_exponent", 0.8)
+
+        pipeline = [r for r in previous.get("pipeline", []) if size(r) not in {size(q) for q in pipeline}] + pipeline
         losses = losses or previous.get("losses", [])
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "workdir", "keep", "append")}
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
