@@ -116,14 +116,19 @@ def _eval_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
+def spawn_two_ranks(worker, tmp_path) -> None:
+    """Run worker(rank, 2, port, tmp_path) on 2 gloo ranks (a free loopback port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port, str(tmp_path)), nprocs=2)
+
+
 @pytest.mark.slow
 def test_distributed_evaluation_equals_single_process(tmp_path):
     single = {f"{s}-{m}": evaluate(_model().score_all, random_dataset(), s, max_len=8, batch_size=5, mask_history=m)
               for s in ("valid", "test") for m in (False, True)}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_eval_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    spawn_two_ranks(_eval_worker, tmp_path)
     for rank in range(2):
         shard = torch.load(tmp_path / f"rank{rank}.pt")
         for key, expected in single.items():
@@ -300,10 +305,7 @@ def test_item_sharded_evaluation_on_two_ranks_equals_single_process(tmp_path):
     single = sharded_results(0, 1, str(tmp_path))
     assert single["planted-False-pessimistic"] != single["planted-True-pessimistic"]
     assert single["planted-True-pessimistic"] != single["planted-True-optimistic"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_sharded_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    spawn_two_ranks(_sharded_worker, tmp_path)
     for rank in range(2):
         shard = torch.load(tmp_path / f"rank{rank}.pt")
         assert shard.keys() == single.keys()
@@ -470,10 +472,7 @@ def test_diagnostics_on_two_ranks_equal_single_process(tmp_path):
     single = diagnostic_results(0, 1, str(tmp_path))
     assert all(DIAGNOSTIC_KEYS <= set(r) for r in single.values())
     assert single["users-False-pessimistic"]["median_rank"] != single["users-True-pessimistic"]["median_rank"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_diagnostic_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    spawn_two_ranks(_diagnostic_worker, tmp_path)
     for rank in range(2):
         shard = torch.load(tmp_path / f"diag{rank}.pt")
         assert shard.keys() == single.keys()
