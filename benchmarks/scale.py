@@ -53,27 +53,28 @@ def config(run_dir: Path, users: int, items: int, args) -> dict:
             "train_id": train}
 
 
-def run_stage(stage: str, cfg_path: Path, timeout: int) -> dict:
-    """One CLI stage in a fresh process: wall s, CPU s (user + sys), peak RSS GB, or why it failed."""
-    cmd = [sys.executable, "-m", "launcher", stage, "--config", str(cfg_path)]
+def time_stage(cli_args: list[str], log_path: Path, timeout: int, threads: int = 0) -> dict:
+    """One CLI stage (`python -m launcher <cli_args>`) in a fresh process: wall s, CPU s (user +
+    sys), peak RSS GB, or why it failed. `threads` > 0 sets the child's OMP_NUM_THREADS."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     start = time.perf_counter()
-    log = open(cfg_path.with_suffix(f".{stage}.log"), "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    deadline = start + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            proc.kill()
-            os.wait4(proc.pid, 0)
-            return {"failed": f"over {timeout} s"}
-        time.sleep(0.2)
-    log.close()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "launcher", *cli_args], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+        deadline = start + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                return {"failed": f"over {timeout} s"}
+            time.sleep(0.2)
     row = {"wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
     if os.waitstatus_to_exitcode(status):
-        tail = cfg_path.with_suffix(f".{stage}.log").read_text().strip().splitlines()[-1:]
+        tail = log_path.read_text().strip().splitlines()[-1:]
         row["failed"] = tail[0] if tail else f"exit {status}"
     return row
 
@@ -87,7 +88,8 @@ def pipeline_row(users: int, items: int, args) -> dict:
     row = {"users": users, "items": items, "popularity_exponent": args.popularity_exponent, "argv": sys.argv[1:]}
     try:
         for stage in STAGES:
-            row[stage] = run_stage(stage, cfg_path, args.timeout)
+            row[stage] = time_stage([stage, "--config", str(cfg_path)], cfg_path.with_suffix(f".{stage}.log"),
+                                    args.timeout)
             print(f"  {users:,} users: {stage} {row[stage]}", flush=True)
             if "failed" in row[stage]:
                 break
@@ -117,19 +119,15 @@ def loss_rows(args) -> list[dict]:
     return rows
 
 
-def run_cli(args_list: list[str], log: Path, timeout: int) -> None:
-    with open(log, "w") as f:
-        subprocess.run([sys.executable, "-m", "launcher", *args_list], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                       check=True, timeout=timeout)
-
-
 def quality_rows(config_path: str, losses: list[str], seeds: list[int], args) -> list[dict]:
     """Step 1 on a real dataset (the config's own train_id settings), one run per loss and seed on
     the same prepared split (`prepare` runs once and is linked into every run)."""
     base = Path(args.workdir or tempfile.gettempdir()) / f"scale_quality_{Path(config_path).stem}"
     base.mkdir(parents=True, exist_ok=True)
-    run_cli(["prepare", "--config", config_path, "--set", f"run_dir={base / 'data'}"], base / "prepare.log",
-            args.timeout)
+    prepared = time_stage(["prepare", "--config", config_path, "--set", f"run_dir={base / 'data'}"],
+                          base / "prepare.log", args.timeout)
+    if "failed" in prepared:
+        raise SystemExit(f"prepare of {config_path} failed: {prepared['failed']} (log: {base / 'prepare.log'})")
     rows = []
     for seed in seeds:
         for loss in losses:
@@ -137,19 +135,48 @@ def quality_rows(config_path: str, losses: list[str], seeds: list[int], args) ->
             run.mkdir(exist_ok=True)
             if not (run / "prepare").exists():
                 (run / "prepare").symlink_to(base / "data" / "prepare")
-            start = time.perf_counter()
-            run_cli(["train-id", "--config", config_path, "--set", f"run_dir={run}", "--set", f"seed={seed}",
-                     "--set", f"train_id.loss={loss}"], run / "train_id.log", args.timeout)
+            timed = time_stage(["train-id", "--config", config_path, "--set", f"run_dir={run}", "--set",
+                                f"seed={seed}", "--set", f"train_id.loss={loss}",
+                                *[a for kv in args.quality_set for a in ("--set", kv)]],
+                               run / "train_id.log", args.timeout, args.threads)
+            if "failed" in timed:
+                print(f"  {Path(config_path).stem} seed {seed} {loss}: failed: {timed['failed']}", flush=True)
+                continue
             m = json.loads((run / "train_id" / "metrics.json").read_text())
-            row = {"config": config_path, "loss": loss, "seed": seed, "wall_s": round(time.perf_counter() - start, 1),
-                   "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"],
+            row = {"config": config_path, "loss": loss, "seed": seed, "overrides": args.quality_set,
+                   "threads": args.threads or None, **timed, "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"],
                    "seconds_per_epoch": round(m["seconds_per_epoch"], 2),
                    **{f"test_{k}": m["test"][k] for k in ("ndcg@10", "hit@10")},
                    **{f"valid_{k}": m["valid"][k] for k in ("ndcg@10", "hit@10")}}
             rows.append(row)
+            merge_quality(Path(args.out), [row])
             print(f"  {Path(config_path).stem} seed {seed} {loss}: test ndcg@10 {row['test_ndcg@10']:.4f} "
                   f"hit@10 {row['test_hit@10']:.4f} ({row['wall_s']} s)", flush=True)
     return rows
+
+
+def variant(row: dict) -> str:
+    """The row's loss and its extra overrides, e.g. `sampled train_id.num_negatives=128`."""
+    return " ".join([row["loss"], *row.get("overrides", [])])
+
+
+def quality_key(row: dict) -> tuple:
+    return row["config"], variant(row), row["seed"]
+
+
+def merge_quality(out: Path, rows: list[dict]) -> list[dict]:
+    """Replace the results file's quality rows of the same (config, loss, overrides, seed); keep the
+    rest. Locked, so that quality runs of several datasets can write into one file side by side."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = json.loads(out.read_text()) if out.exists() else {}
+        new = {quality_key(q) for q in rows}
+        result["quality"] = [r for r in result.get("quality", []) if quality_key(r) not in new] + rows
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return result["quality"]
 
 
 def quality_table(rows: list[dict]) -> str:
@@ -162,7 +189,7 @@ def quality_table(rows: list[dict]) -> str:
         groups = {}
         for r in rows:
             if r["config"] == config:
-                groups.setdefault(r["loss"], []).append(r)
+                groups.setdefault(variant(r), []).append(r)
         full = groups.get("full")
         for loss, group in groups.items():
             cells = []
@@ -252,20 +279,17 @@ def main() -> None:
     p.add_argument("--quality", default="", help="comma-separated configs for the loss-quality rows, e.g. "
                    "configs/ml100k.yaml,configs/ninerec_food.yaml (alone: only these rows run, merged into --out)")
     p.add_argument("--quality-losses", default="full,chunked,sampled")
+    p.add_argument("--quality-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra --set for every quality run (repeatable), stated in the rows")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of each quality run (0: inherit)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default=str(RESULTS / "scale_cpu.json"))
     args = p.parse_args()
     out = Path(args.out)
     if args.quality:
-        rows = [r for c in args.quality.split(",") for r in
-                quality_rows(c, args.quality_losses.split(","), [int(s) for s in args.seeds.split(",")], args)]
-        result = json.loads(out.read_text()) if out.exists() else {}
-        keep = [r for r in result.get("quality", []) if (r["config"], r["loss"], r["seed"]) not in
-                {(q["config"], q["loss"], q["seed"]) for q in rows}]
-        result["quality"] = keep + rows
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print("\n" + quality_table(result["quality"]))
+        for c in args.quality.split(","):  # each row is merged into --out as soon as it is measured
+            quality_rows(c, args.quality_losses.split(","), [int(s) for s in args.seeds.split(",")], args)
+        print("\n" + quality_table(merge_quality(out, [])))
         return
     pipeline = []
     users = [int(u) for u in args.users.split(",") if u]
