@@ -200,3 +200,43 @@ class EqualBatches(torch.utils.data.IterableDataset):
             if not got_any:
                 raise RuntimeError(f"rank {self.rank} worker {worker}: shards {urls} hold less than one batch")
             cycle += 1
+
+
+class StreamedEpoch:
+    """Epoch `epoch` of `batches` as `steps` batches indexable in order, a training loop's
+    `epoch_batches` (sicsrec.loop): `epoch[i]` comes after `epoch[i - 1]`; a run resumed inside an
+    epoch asks for its first undone batch and the ones before it are streamed past. The collate's
+    `epoch` (per-batch augmentation seeds) is set with the shard order. Loader workers draw their
+    seeds from a generator seeded by `seed`, not from the global RNG (its state differs in a
+    resumed run), and run `worker_init_fn` (trainers pass one that leaves preemption signals to them)."""
+
+    def __init__(self, batches: EqualBatches, epoch: int, steps: int, num_workers: int = 0, seed: int = 0,
+                 worker_init_fn: Callable[[int], None] | None = None):
+        if steps > len(batches):
+            raise ValueError(f"{steps} steps asked of an epoch of {len(batches)} batches")
+        self.batches, self.epoch, self.steps, self.num_workers = batches, epoch, steps, num_workers
+        self.seed, self.worker_init_fn = seed, worker_init_fn
+        self._stream: Iterator | None = None
+        self._next = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.steps:
+            raise IndexError(index)
+        if self._stream is None or index < self._next:
+            self.batches.set_epoch(self.epoch)
+            if hasattr(self.batches.collate, "epoch"):
+                self.batches.collate.epoch = self.epoch
+            loader = self.batches
+            if self.num_workers > 0:
+                loader = torch.utils.data.DataLoader(self.batches, batch_size=None, num_workers=self.num_workers,
+                                                     generator=torch.Generator().manual_seed(self.seed),
+                                                     worker_init_fn=self.worker_init_fn)
+            self._stream, self._next = iter(loader), 0
+        while True:
+            batch = next(self._stream)
+            self._next += 1
+            if self._next > index:
+                return batch

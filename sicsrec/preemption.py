@@ -47,6 +47,13 @@ REQUEUE_FILE_ENV = "SICSREC_REQUEUE_FILE"
 TEST_HOOK_ENV = "SICSREC_PREEMPT_AT_STEP"
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """A loader worker's init: SIGTERM / SIGUSR1 are left to its trainer, which stops at a step
+    boundary (torchrun and SLURM signal the whole process group)."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Preempted(SystemExit):
     """The run checkpointed after a preemption signal; the process exits with REQUEUE_EXIT_CODE."""
 

@@ -28,8 +28,6 @@ import dataclasses
 import json
 import logging
 import random
-import signal
-import time
 import zlib
 from pathlib import Path
 
@@ -37,21 +35,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from llm_labeling.run import SHARD_GLOB, read_pairs
 from shards.pairs import write_pair_shards
 from shards.prepared import PreparedDataset
-from shards.reader import EqualBatches, load_index, stream
+from shards.reader import EqualBatches, StreamedEpoch, load_index, stream
 from sicsrec.config import SFTConfig
 from sicsrec.encode import ItemEmbeddings, embed_items, from_main, initial_encoder
 from sicsrec.encoders import ContentEncoder
 from sicsrec.engine import Engine, RunCheckpoint, build_engine
 from sicsrec.losses import sft_loss
-from sicsrec.preemption import SIGNALS, PreemptionGuard, exit_for_requeue
+from sicsrec.preemption import ignore_preemption_signals
 from sicsrec.runtime import dist as distenv
 from sicsrec.runtime.rundir import fingerprint, hash_files, run_stage, stage_fingerprint, write_json
-from sicsrec.train import StepLog, TrainingInterrupted, trim_log
+from sicsrec.loop import TrainLoop
 
 log = logging.getLogger(__name__)
 RECALL_AT = 10
@@ -117,13 +114,6 @@ def seeded_rng(seed: int):
             np.random.set_state(np_state)
 
 
-def ignore_preemption_signals(worker_id: int) -> None:
-    """Loader workers leave SIGTERM / SIGUSR1 to their trainer, which stops at a step boundary
-    (torchrun and SLURM signal the whole process group)."""
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
 class PairCollate:
     """A list of decoded pair samples -> one batch: tokens of a-texts then b-texts, images (zero
     placeholder + has_image False for missing or corrupt ones), item ids. Runs in loader workers.
@@ -158,21 +148,25 @@ def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-class SFTTrainer:
+class SFTTrainer(TrainLoop):
+    """Encoder SFT on the loop: batches of labelled pairs streamed from the pair shards, the
+    t2t + i2i + t2i InfoNCE step, no selection (the last weights are the tuned encoders)."""
+    rate_of = "pairs"
+    desc = "sft epoch"
+
     def __init__(self, cfg: SFTConfig, dataset: PreparedDataset, shard_dir: Path, held_out: list[tuple[int, int]],
                  out: Path, seed: int, env, run_id: str):
         if cfg.epochs < 1 or cfg.micro_batch < 1 or cfg.grad_accum < 1:
             raise ValueError("sft.epochs, sft.micro_batch and sft.grad_accum must be >= 1")
         self.cfg, self.shard_dir, self.held_out, self.out, self.seed, self.env, self.run_id = \
             cfg, shard_dir, held_out, out, seed, env, run_id
-        self.num_items = dataset.num_items
+        self.num_items, self.epochs = dataset.num_items, cfg.epochs
         model = initial_encoder(cfg.encoders, dataset, seed)
         self.reference = copy.deepcopy(model) if env.is_main else None  # rank 0's plain copy for eval and save
-        self.collate = PairCollate(model, seed)
         self.batches = EqualBatches(out / "pairs", "pairs", cfg.micro_batch, env.rank, env.world_size,
                                     num_workers=cfg.num_workers, seed=seed, skip_bad_images=False,
-                                    collate=self.collate)
-        self.steps_per_epoch = len(self.batches) // cfg.grad_accum * cfg.grad_accum
+                                    collate=PairCollate(model, seed))
+        self.steps_per_epoch = len(self.batches) // cfg.grad_accum * cfg.grad_accum  # no accumulation spans epochs
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.batches)} micro batches per rank cannot fill grad_accum={cfg.grad_accum}")
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -187,16 +181,7 @@ class SFTTrainer:
         for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
             seed_fn(seed * 1000 + env.rank)
         self.checkpoint = RunCheckpoint(self.engine, out / "checkpoint", run_id, env)
-        # epoch = the last finished epoch; position = progress inside the next one (preemption)
-        self.state = {"run_id": run_id, "epoch": -1, "step": 0, "history": [], "before": None, "position": None}
-
-    def resume(self, restart: bool = False) -> None:
-        state = self.checkpoint.load(restart)
-        if state is not None:  # only our keys: DeepSpeed adds reserved ones it refuses to save again
-            self.state = {key: state.get(key, default) for key, default in self.state.items()}
-
-    def save_checkpoint(self) -> None:
-        self.checkpoint.save(self.state)
+        self.state = self.initial_state(run_id) | {"before": None}
 
     # -- evaluation on rank 0's plain copy (no ZeRO hooks, no collectives) --
     def evaluate(self, name: str) -> dict | None:
@@ -207,112 +192,56 @@ class SFTTrainer:
                             self.engine.device, self.engine.dtype, desc=f"eval {name}")
         return retrieval_recall(cache.aligned(self.num_items), self.held_out, self.cfg.normalize)
 
-    def train_epoch(self, epoch: int, tb, guard: PreemptionGuard | None = None) -> dict:
-        """One epoch. At each accumulation boundary every rank asks `guard` whether to stop (see
-        the module docstring); a resumed epoch streams past the micro batches already done."""
-        cfg, env, engine = self.cfg, self.env, self.engine
-        position = self.state["position"] if (self.state["position"] or {}).get("epoch") == epoch else {}
-        done = position.get("batches", 0)
-        sums = torch.tensor(position.get("sums", [0.0] * 4))
-        pairs, seconds_before = position.get("pairs", 0), position.get("seconds", 0.0)
-        self.batches.set_epoch(epoch)
-        self.collate.epoch = epoch
-        # a seeded generator: the loader must not draw its worker seeds from the global RNG,
-        # whose state differs in a run resumed mid-epoch
-        loader = (torch.utils.data.DataLoader(self.batches, batch_size=None, num_workers=cfg.num_workers,
-                                              generator=torch.Generator().manual_seed(self.seed),
-                                              worker_init_fn=ignore_preemption_signals)
-                  if cfg.num_workers > 0 else self.batches)
-        engine.train()
-        start = time.time()
-        bar = tqdm(total=self.steps_per_epoch, initial=done, desc=f"sft epoch {epoch}", disable=not env.is_main,
-                   leave=False)
-        with StepLog(self.out / "train_log.jsonl", env.is_main) as step_log:
-            for n_batch, batch in enumerate(loader):
-                if n_batch == self.steps_per_epoch:
-                    break  # a partial accumulation would leak into the next epoch
-                if n_batch < done:
-                    continue  # trained on before the preemption
-                n = len(batch["ids"]) // 2
-                ids = batch["ids"].to(engine.device)
-                images = batch.get("images")
-                if images is not None and engine.ds is not None:
-                    images = images.to(engine.device, engine.dtype)  # DeepSpeed casts the model, not the inputs
-                out = engine(texts=batch["tokens"], images=images)
-                image_kw = {}
-                if images is not None:
-                    has = batch["has_image"]
-                    image_kw = dict(image_a=out["image"][:n], image_b=out["image"][n:], has_image_a=has[:n],
-                                    has_image_b=has[n:])
-                loss = sft_loss(out["text"][:n], out["text"][n:], ids[:n], ids[n:], cfg.temperature, **image_kw,
-                                normalize=cfg.normalize, symmetric=cfg.symmetric,
-                                mask_duplicates=cfg.mask_duplicates)
-                engine.backward(loss.total)
-                engine.step()
-                parts = [loss.total, loss.t2t, loss.i2i if loss.i2i is not None else loss.total * 0,
-                         loss.t2i if loss.t2i is not None else loss.total * 0]
-                logged = _mean_over_ranks(torch.stack([p.detach().float() for p in parts])).cpu()
-                self.state["step"] += 1
-                sums += logged
-                pairs += n * env.world_size
-                rate = (pairs - position.get("pairs", 0)) / max(time.time() - start, 1e-9)
-                bar.update()
-                bar.set_postfix(loss=f"{logged[0]:.4f}", pairs_s=f"{rate:.1f}")
-                if tb:
-                    for name, value in zip(("total", "t2t", "i2i", "t2i"), logged.tolist()):
-                        tb.add_scalar(f"train/{name}", value, self.state["step"])
-                step_log.write({"epoch": epoch, "step": self.state["step"],
-                                **dict(zip(("loss", "t2t", "i2i", "t2i"), logged.tolist()))})
-                at_boundary = (n_batch + 1) % cfg.grad_accum == 0  # no half-accumulated gradients in a checkpoint
-                if guard is not None:
-                    guard.micro_step_done(self.state["step"])
-                if guard is not None and at_boundary and guard.should_stop():
-                    bar.close()
-                    self.state["position"] = {"epoch": epoch, "batches": n_batch + 1, "sums": sums.tolist(),
-                                              "pairs": pairs, "seconds": seconds_before + time.time() - start}
-                    self.save_checkpoint()
-                    exit_for_requeue(guard, self.out, epoch, self.state["step"], n_batch + 1, env.is_main)
-        bar.close()
-        seconds = seconds_before + time.time() - start
-        means = (sums / self.steps_per_epoch).tolist()
-        return {"epoch": epoch, "loss": means[0], "t2t": means[1], "i2i": means[2], "t2i": means[3],
+    def epoch_batches(self, epoch: int) -> StreamedEpoch:
+        return StreamedEpoch(self.batches, epoch, self.steps_per_epoch, self.cfg.num_workers, self.seed,
+                             ignore_preemption_signals)
+
+    def train_step(self, batch: dict) -> tuple[dict, dict]:
+        cfg, engine = self.cfg, self.engine
+        n = len(batch["ids"]) // 2  # a-sides, then b-sides
+        ids = batch["ids"].to(engine.device)
+        images = batch.get("images")
+        if images is not None and engine.ds is not None:
+            images = images.to(engine.device, engine.dtype)  # DeepSpeed casts the model, not the inputs
+        out = engine(texts=batch["tokens"], images=images)
+        image_kw = {}
+        if images is not None:
+            has = batch["has_image"]
+            image_kw = dict(image_a=out["image"][:n], image_b=out["image"][n:], has_image_a=has[:n],
+                            has_image_b=has[n:])
+        loss = sft_loss(out["text"][:n], out["text"][n:], ids[:n], ids[n:], cfg.temperature, **image_kw,
+                        normalize=cfg.normalize, symmetric=cfg.symmetric, mask_duplicates=cfg.mask_duplicates)
+        engine.backward(loss.total)
+        engine.step()
+        parts = [loss.total, loss.t2t, loss.i2i if loss.i2i is not None else loss.total * 0,
+                 loss.t2i if loss.t2i is not None else loss.total * 0]
+        logged = dict(zip(("loss", "t2t", "i2i", "t2i"),
+                          _mean_over_ranks(torch.stack([p.detach().float() for p in parts])).tolist()))
+        return logged, logged | {"pairs": n * self.env.world_size}
+
+    def epoch_summary(self, sums: dict, steps: int, seconds: float) -> dict:
+        pairs = sums.get("pairs", 0)
+        return {**{k: sums.get(k, 0.0) / steps for k in ("loss", "t2t", "i2i", "t2i")},
                 "seconds": seconds, "pairs": pairs, "pairs_per_s": pairs / max(seconds, 1e-9)}
 
-    def fit(self, stop_after_epoch: int | None = None) -> dict:
-        env, state = self.env, self.state
-        if state["before"] is None:
-            state["before"] = self.evaluate("before")
+    def before_epochs(self, tb, guard, stop_after_epoch: int | None) -> None:
+        if self.state["before"] is None:
+            self.state["before"] = self.evaluate("before")
         distenv.barrier()
-        tb = None
-        if env.is_main:
-            from torch.utils.tensorboard import SummaryWriter
 
-            tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=state["step"] + 1)
-            trim_log(self.out / "train_log.jsonl", state["step"])
-        try:
-            with PreemptionGuard(self.engine.device) as guard:
-                for epoch in range(state["epoch"] + 1, self.cfg.epochs):
-                    summary = self.train_epoch(epoch, tb, guard)
-                    state["history"].append(summary)
-                    state["epoch"] = epoch
-                    state["position"] = None
-                    if tb:
-                        tb.add_scalar("train/epoch_loss", summary["loss"], state["step"])
-                        tb.add_scalar("train/pairs_per_s", summary["pairs_per_s"], state["step"])
-                        tb.flush()
-                        log.info("sft epoch %d: loss %.4f, %.1f pairs/s", epoch, summary["loss"],
-                                 summary["pairs_per_s"])
-                    self.save_checkpoint()
-                    if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                        raise TrainingInterrupted(f"stopped after epoch {epoch} (checkpoint saved)")
-                    if epoch + 1 < self.cfg.epochs and guard.should_stop():  # the epoch's checkpoint is saved
-                        exit_for_requeue(guard, self.out, epoch + 1, state["step"], 0, env.is_main)
-        finally:
-            if tb:
-                tb.close()
-        return self.finish()
+    def end_epoch(self, epoch: int, summary: dict, tb) -> None:
+        state = self.state
+        state["history"].append({"epoch": epoch, **summary})
+        state["epoch"] = epoch
+        state["position"] = None
+        if tb:
+            tb.add_scalar("train/epoch_loss", summary["loss"], state["step"])
+            tb.add_scalar("train/pairs_per_s", summary["pairs_per_s"], state["step"])
+            tb.flush()
+            log.info("sft epoch %d: loss %.4f, %.1f pairs/s", epoch, summary["loss"], summary["pairs_per_s"])
+        self.save()
 
-    def finish(self) -> dict:
+    def final_metrics(self) -> dict:
         env, state = self.env, self.state
         weights = self.engine.module_state_dict()  # collective under ZeRO-3: every rank calls it
         metrics = None

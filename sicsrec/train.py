@@ -19,38 +19,31 @@ checkpoint/, train_log.jsonl (loss per step, written as it goes), tensorboard/, 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from shards.prepared import PreparedDataset
 from sicsrec.config import TrainConfig
 from sicsrec.data import collate, epoch_batches, rank_slice, train_windows
-from sicsrec.engine import Engine, RunCheckpoint, build_engine
+from sicsrec.engine import RunCheckpoint, build_engine
 from sicsrec.evaluate import evaluate
+from sicsrec.loop import LazyBatches, TrainingInterrupted, TrainLoop  # noqa: F401 (TrainingInterrupted: re-exported)
 from sicsrec.models.gru4rec import GRU4Rec
 from sicsrec.models.sasrec import SASRec, SequentialRecommender
 from sicsrec.next_item import NextItemCriterion
 from sicsrec.optim import build_optimizer
-from sicsrec.preemption import PreemptionGuard, exit_for_requeue
+from sicsrec.preemption import exit_for_requeue
 from sicsrec.runtime import dist as distenv
 from sicsrec.runtime.rundir import fingerprint, read_manifest, run_stage, stage_fingerprint, write_json
 
 log = logging.getLogger(__name__)
 SELECT_METRIC = "ndcg@10"
-
-
-class TrainingInterrupted(RuntimeError):
-    """Raised by `stop_after_epoch` to simulate a killed run (the checkpoint is already saved)."""
 
 
 def build_model(cfg: TrainConfig, num_items: int) -> SequentialRecommender:
@@ -85,34 +78,9 @@ def _all_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def trim_log(path: Path, last_step: int) -> None:
-    """Drop log lines of steps after the checkpoint (a killed run may have logged some)."""
-    if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= last_step]
-        path.write_text("".join(l + "\n" for l in lines))
-
-
-class StepLog:
-    """train_log.jsonl, appended one JSON line per step and flushed, so that the log of a
-    preempted (or killed) run is complete up to its last step. Only the main rank writes."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.file = open(path, "a") if enabled else None
-
-    def write(self, record: dict) -> None:
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def __enter__(self) -> "StepLog":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.file:
-            self.file.close()
-
-
-class Trainer:
+class Trainer(TrainLoop):
+    """A next-item recommender on the loop: batches of (inputs, targets) windows, the CE of its loss
+    module, validation after every epoch, early stopping and the best weights on valid NDCG@10."""
     config_section = "train_id"  # where `cfg` sits in the config (named in errors); subclasses override
 
     def __init__(self, cfg: TrainConfig, dataset: PreparedDataset, out_dir: Path, seed: int, env, run_id: str):
@@ -135,9 +103,9 @@ class Trainer:
                                    zero_stage=None if cfg.zero_stage < 0 else cfg.zero_stage)
         torch.manual_seed(seed * 1000 + env.rank)  # dropout streams differ per rank
         self.checkpoint = RunCheckpoint(self.engine, out_dir / "checkpoint", run_id, env)
-        # epoch = the last finished epoch; position = progress inside the next one (preemption)
-        self.state = {"run_id": run_id, "epoch": -1, "step": 0, "best_metric": float("-inf"), "best_epoch": -1,
-                      "bad_epochs": 0, "stopped": False, "history": [], "position": None}
+        self.epochs = cfg.epochs
+        self.state = self.initial_state(run_id) | {"best_metric": float("-inf"), "best_epoch": -1, "bad_epochs": 0,
+                                                   "stopped": False, "start_evaluated": False}
 
     def build(self) -> tuple[SequentialRecommender, nn.Module]:
         """(recommender, loss module). Subclasses (SICSRec step 2) override this. The loss module
@@ -165,127 +133,69 @@ class Trainer:
                             user_sample=cfg.eval_users if split == "valid" else cfg.test_users,
                             equal_batches=True if engine.zero_stage == 3 else None, diagnostics=diagnostics)
 
-    def resume(self, restart: bool = False) -> None:
-        """Continue from this run's checkpoint, if any; `restart` (--force) trains from scratch."""
-        state = self.checkpoint.load(restart)
-        if state is not None:
-            self.state = {"position": None, **state}  # checkpoints from before preemption support lack it
-
-    def save(self) -> None:
-        self.checkpoint.save(self.state)
-
-    def epoch_batches(self, epoch: int) -> list[tuple[int, Callable[[], tuple[torch.Tensor, torch.Tensor]]]]:
-        """This epoch's global batches, the same count on every rank, each as (global number of
-        sequences, a function making this rank's (inputs, targets)). Subclasses that stream their
+    def epoch_batches(self, epoch: int) -> LazyBatches:
+        """This epoch's global batches (order a function of seed and epoch), the same count on every
+        rank, each made (this rank's slice collated) when indexed. Subclasses that stream their
         data (TSSR from shards) override this."""
         env, cfg = self.env, self.cfg
         batches = [b for b in epoch_batches(len(self.windows), cfg.batch_size, self.seed, epoch)
                    if len(b) >= env.world_size]
 
-        def local(batch: torch.Tensor):
-            return collate([self.windows[i] for i in rank_slice(batch, env.rank, env.world_size)], cfg.max_len)
+        def local(index: int) -> dict:
+            rows = rank_slice(batches[index], env.rank, env.world_size)
+            inputs, targets = collate([self.windows[i] for i in rows], cfg.max_len)
+            return {"inputs": inputs, "targets": targets}
 
-        return [(len(b), functools.partial(local, b)) for b in batches]
+        return LazyBatches(len(batches), local)
 
-    def train_epoch(self, epoch: int, tb, guard: PreemptionGuard | None = None) -> dict:
-        """One epoch of steps. After each optimizer step (never inside a gradient accumulation)
-        every rank asks `guard` whether to stop; if so the position (batches done, partial sums)
-        goes into the checkpoint and the process exits for requeue. A resumed epoch skips the
-        batches done without calling their make_batch."""
-        env = self.env
-        batches = self.epoch_batches(epoch)
-        position = self.state["position"] if (self.state["position"] or {}).get("epoch") == epoch else {}
-        done = position.get("batches", 0)
-        sums = {name: position.get(name, 0.0) for name in ("loss_sum", "targets", "extra_sum", "sequences", "seconds")}
-        self.engine.train()
-        start = time.time()
-        bar = tqdm(total=len(batches), initial=done, desc=f"epoch {epoch}", disable=not env.is_main, leave=False)
-        with StepLog(self.out / "train_log.jsonl", env.is_main) as step_log:
-            for index in range(done, len(batches)):
-                batch_sequences, make_batch = batches[index]
-                inputs, targets = make_batch()
-                local_sum, local_count, *extra = self.engine(inputs.to(self.engine.device),
-                                                             targets.to(self.engine.device))
-                extra = extra[0] if extra else local_sum.new_zeros(())
-                totals = _all_sum(torch.stack([local_sum.detach().float(), local_count.float(),
-                                               extra.detach().float()]))
-                self.engine.backward(local_sum * env.world_size / totals[1] + extra)
-                self.engine.step()
-                step_loss = (totals[0] / totals[1] + totals[2] / env.world_size).item()
-                self.state["step"] += 1
-                sums["loss_sum"] += totals[0].item()
-                sums["targets"] += totals[1].item()
-                sums["extra_sum"] += totals[2].item() / env.world_size
-                sums["sequences"] += batch_sequences
-                rate = (sums["sequences"] - position.get("sequences", 0)) / max(time.time() - start, 1e-9)
-                bar.update()
-                bar.set_postfix(loss=f"{step_loss:.4f}", seq_s=f"{rate:.0f}")
-                if tb:
-                    tb.add_scalar("train/loss", step_loss, self.state["step"])
-                step_log.write({"epoch": epoch, "step": self.state["step"], "loss": step_loss})
-                if guard is not None and self._preempted(guard, index):
-                    bar.close()
-                    sums["seconds"] += time.time() - start
-                    self.state["position"] = {"epoch": epoch, "batches": index + 1, **sums}
-                    self.save()
-                    exit_for_requeue(guard, self.out, epoch, self.state["step"], index + 1, env.is_main)
-        bar.close()
-        seconds = sums["seconds"] + time.time() - start
-        return {"loss": sums["loss_sum"] / max(sums["targets"], 1), "extra_loss": sums["extra_sum"] / max(len(batches), 1),
-                "seconds": seconds, "sequences": sums["sequences"], "targets": sums["targets"]}
+    def loss_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (inputs, targets) the loss module is called with (TSSR also hands it the batch)."""
+        return batch["inputs"], batch["targets"]
 
-    def _preempted(self, guard: PreemptionGuard, index: int) -> bool:
-        """Collective, at optimizer-step boundaries only: a checkpoint never holds half-accumulated
-        gradients. `index` is the micro batch just done (epochs hold whole accumulations)."""
-        guard.micro_step_done(self.state["step"])
-        return (index + 1) % self.engine.grad_accum == 0 and guard.should_stop()
+    def train_step(self, batch: dict) -> tuple[dict, dict]:
+        """The mean CE over the global batch's targets: each rank scales its CE sum by world size /
+        global target count (DDP / DeepSpeed average the gradients), plus the loss module's `extra`."""
+        env, engine = self.env, self.engine
+        inputs, targets = self.loss_inputs(batch)
+        local_sum, local_count, *extra = engine(inputs.to(engine.device), targets.to(engine.device))
+        extra = extra[0] if extra else local_sum.new_zeros(())
+        totals = _all_sum(torch.stack([local_sum.detach().float(), local_count.float(), extra.detach().float(),
+                                       local_sum.new_tensor(float(len(inputs)))]))
+        engine.backward(local_sum * env.world_size / totals[1] + extra)
+        engine.step()
+        loss = (totals[0] / totals[1] + totals[2] / env.world_size).item()
+        return {"loss": loss}, {"loss_sum": totals[0].item(), "targets": totals[1].item(),
+                                "extra_sum": totals[2].item() / env.world_size, "sequences": totals[3].item()}
+
+    def epoch_summary(self, sums: dict, steps: int, seconds: float) -> dict:
+        return {"loss": sums.get("loss_sum", 0.0) / max(sums.get("targets", 0.0), 1),
+                "extra_loss": sums.get("extra_sum", 0.0) / max(steps, 1), "seconds": seconds,
+                "sequences": sums.get("sequences", 0.0), "targets": sums.get("targets", 0.0)}
 
     # A subclass whose model starts trained (SICSRec step 2 at the step-1 function) sets this:
     # fit then evaluates the start before epoch 0 (`evaluate_start`) and may select it as best.
     starts_trained: bool = False
 
-    def fit(self, stop_after_epoch: int | None = None) -> dict:
-        """Train until cfg.epochs or early stopping; returns the final metrics (best weights).
-        `stop_after_epoch` simulates a kill after that epoch (-1: after the start evaluation)."""
-        env, cfg, state = self.env, self.cfg, self.state
-        tb = None
-        if env.is_main:
-            from torch.utils.tensorboard import SummaryWriter
+    def before_epochs(self, tb, guard, stop_after_epoch: int | None) -> None:
+        if self._start_due():
+            self.evaluate_start(tb)
+            if stop_after_epoch is not None and stop_after_epoch < 0:
+                raise TrainingInterrupted("stopped after the start evaluation (checkpoint saved)")
+            if guard.should_stop():  # signalled during the start evaluation: its checkpoint is saved
+                exit_for_requeue(guard, self.out, 0, self.state["step"], 0, self.env.is_main)
 
-            tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=state["step"] + 1)
-            trim_log(self.out / "train_log.jsonl", state["step"])
-        try:
-            with PreemptionGuard(self.engine.device) as guard:
-                if self._start_due():
-                    self.evaluate_start(tb)
-                    if stop_after_epoch is not None and stop_after_epoch < 0:
-                        raise TrainingInterrupted("stopped after the start evaluation (checkpoint saved)")
-                    if guard.should_stop():  # signalled during the start evaluation: its checkpoint is saved
-                        exit_for_requeue(guard, self.out, 0, state["step"], 0, env.is_main)
-                for epoch in range(state["epoch"] + 1, cfg.epochs):
-                    if state["stopped"]:
-                        break
-                    train = self.train_epoch(epoch, tb, guard)
-                    eval_start = time.time()
-                    valid = self.evaluate("valid")
-                    train["eval_seconds"] = time.time() - eval_start
-                    self._end_epoch(epoch, train, valid, tb)
-                    if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                        raise TrainingInterrupted(f"stopped after epoch {epoch} (checkpoint saved)")
-                    more = epoch + 1 < cfg.epochs and not state["stopped"]
-                    if more and guard.should_stop():  # signalled during evaluation: the epoch's checkpoint is saved
-                        exit_for_requeue(guard, self.out, epoch + 1, state["step"], 0, env.is_main)
-        finally:
-            if tb:
-                tb.close()
-        return self._final_metrics()
+    def end_epoch(self, epoch: int, train: dict, tb) -> None:
+        eval_start = time.time()
+        valid = self.evaluate("valid")
+        train["eval_seconds"] = time.time() - eval_start
+        self._end_epoch(epoch, train, valid, tb)
 
     def _start_due(self) -> bool:
         """A fresh run of a trainer that starts trained, its start not yet evaluated (a resumed
         run finds `start_evaluated` in its checkpoint and does not redo it)."""
         state = self.state
         return (self.starts_trained and state["epoch"] < 0 and state["position"] is None
-                and not state.get("start_evaluated", False))
+                and not state["start_evaluated"])
 
     def evaluate_start(self, tb) -> None:
         """Epoch -1: validation of the model as built, before any step. Recorded in the history
@@ -342,7 +252,7 @@ class Trainer:
         prefix = "recommender."
         return {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
 
-    def _final_metrics(self) -> dict:
+    def final_metrics(self) -> dict:
         state, cfg, env = self.state, self.cfg, self.env
         distenv.barrier()
         best = torch.load(self.out / "best_model.pt", map_location="cpu", weights_only=True)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import random
 import resource
@@ -47,7 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shards.prepared import PreparedDataset
-from shards.reader import EqualBatches, decode_image, stream
+from shards.reader import EqualBatches, StreamedEpoch, decode_image, stream
 from sicsrec.config import EncoderConfig, RunConfig, TSSRConfig
 from sicsrec.data import collate as collate_windows
 from sicsrec.encode import from_main, initial_encoder
@@ -56,6 +55,7 @@ from sicsrec.evaluate import evaluate
 from sicsrec.losses import gather_rows, gather_sizes, item_contrastive_loss, user_contrastive_loss
 from sicsrec.models.tssr import TSSR
 from sicsrec.next_item import criterion_of
+from sicsrec.preemption import ignore_preemption_signals
 from sicsrec.runtime import dist as distenv
 from sicsrec.runtime.rundir import fingerprint, read_manifest, run_stage, stage_fingerprint, write_json
 from sicsrec.train import Trainer
@@ -354,43 +354,6 @@ def optimizer_state_mb(engine) -> float:
 
 # ---------------------------------------------------------------- trainer
 
-class StreamedEpoch:
-    """One epoch of micro batches streamed from the train shards, as the Trainer's sequence of
-    (global number of sequences, make_batch) pairs. Read in order (`epoch[i]` after
-    `epoch[i-1]`); a run resumed inside an epoch asks for its first undone batch and the ones
-    before it are streamed past."""
-
-    def __init__(self, batches: EqualBatches, epoch: int, steps: int, num_workers: int, loss: TSSRLoss,
-                 global_batch: int):
-        self.batches, self.epoch, self.steps, self.num_workers = batches, epoch, steps, num_workers
-        self.loss, self.global_batch = loss, global_batch
-        self._stream, self._next = None, 0
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, index: int):
-        if not 0 <= index < self.steps:
-            raise IndexError(index)
-        if self._stream is None or index < self._next:
-            self.batches.set_epoch(self.epoch)
-            self.batches.collate.epoch = self.epoch
-            loader = (torch.utils.data.DataLoader(self.batches, batch_size=None, num_workers=self.num_workers)
-                      if self.num_workers > 0 else self.batches)
-            self._stream, self._next = iter(loader), 0
-        while self._next <= index:
-            batch = next(self._stream)
-            self._next += 1
-        return self.global_batch, functools.partial(self._make, batch)
-
-    def __iter__(self):
-        return (self[i] for i in range(self.steps))
-
-    def _make(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        self.loss.feed(batch)
-        return batch["inputs"], batch["targets"]
-
-
 class TSSRTrainer(Trainer):
     config_section = "tssr.train"
 
@@ -424,9 +387,12 @@ class TSSRTrainer(Trainer):
         return model, TSSRLoss(model, self.tssr_cfg)
 
     def epoch_batches(self, epoch: int) -> StreamedEpoch:
-        loss = self.engine.module
-        return StreamedEpoch(self.batches, epoch, self.steps_per_epoch, self.tssr_cfg.num_workers, loss,
-                             self.batches.batch_size * self.env.world_size)
+        return StreamedEpoch(self.batches, epoch, self.steps_per_epoch, self.tssr_cfg.num_workers, self.seed,
+                             ignore_preemption_signals)
+
+    def loss_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        self.engine.module.feed(batch)  # the content side of the batch (encoder inputs or item ids)
+        return batch["inputs"], batch["targets"]
 
     @torch.no_grad()
     def item_features(self) -> torch.Tensor:
