@@ -82,33 +82,47 @@ def run_ours(prepared: Path, out: Path, epochs: int, patience: int, seed: int) -
             "test": metrics["test"]}
 
 
-def run_recbole(epochs: int, patience: int, seed: int, work: Path, prepared: Path) -> dict:
+def recbole_config(dataset: str, data_path: Path, work: Path, hparams: dict, seed: int, **overrides):
+    """RecBole's Config for its SASRec on local atomic files `<data_path>/<dataset>/<dataset>.inter`
+    (RecBole downloads only when they are missing): our hyper-parameters, CE over all items,
+    leave-one-out by time, full-ranking eval on the CPU. `overrides` replace or add config keys."""
     numpy2_shims()
     from recbole.config import Config
-    from recbole.data import create_dataset, data_preparation
-    from recbole.model.sequential_recommender import SASRec
-    from recbole.trainer import Trainer
-    from recbole.utils import init_seed
 
-    config = Config(model="SASRec", dataset="ml-100k", config_dict={
-        "data_path": str(recbole_ml100k_dir().parent), "checkpoint_dir": str(work / "saved"),
+    return Config(model="SASRec", dataset=dataset, config_dict={
+        "data_path": str(data_path), "checkpoint_dir": str(work / "saved"),
         "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
-        "MAX_ITEM_LIST_LENGTH": HPARAMS["max_len"], "hidden_size": HPARAMS["hidden"],
-        "inner_size": HPARAMS["ffn_dim"], "hidden_act": HPARAMS["activation"], "n_layers": HPARAMS["layers"],
-        "n_heads": HPARAMS["heads"], "hidden_dropout_prob": HPARAMS["dropout"],
-        "attn_dropout_prob": HPARAMS["dropout"], "loss_type": "CE", "train_neg_sample_args": None,
-        "learning_rate": HPARAMS["lr"], "train_batch_size": HPARAMS["batch_size"], "eval_batch_size": 1024,
-        "epochs": epochs, "stopping_step": patience, "eval_step": 1,
+        "MAX_ITEM_LIST_LENGTH": hparams["max_len"], "hidden_size": hparams["hidden"],
+        "inner_size": hparams["ffn_dim"], "hidden_act": hparams["activation"], "n_layers": hparams["layers"],
+        "n_heads": hparams["heads"], "hidden_dropout_prob": hparams["dropout"],
+        "attn_dropout_prob": hparams["dropout"], "loss_type": "CE", "train_neg_sample_args": None,
+        "learning_rate": hparams["lr"], "train_batch_size": hparams["batch_size"], "eval_batch_size": 1024,
         "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
         "metrics": ["Hit", "NDCG"], "topk": [5, 10, 20], "valid_metric": "NDCG@10",
         "device": "cpu", "use_gpu": False, "seed": seed, "reproducibility": True, "show_progress": False,
-        "log_wandb": False, "state": "WARNING",
+        "log_wandb": False, "state": "WARNING", **overrides,
     })
+
+
+def recbole_data(config):
+    """RecBole's dataset and its train / valid / test loaders (seeded as RecBole's own run does)."""
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import init_seed
+
     init_seed(config["seed"], config["reproducibility"])
     logging.getLogger().setLevel(logging.WARNING)
     dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
+    return (dataset, *data_preparation(config, dataset))
+
+
+def run_recbole(epochs: int, patience: int, seed: int, work: Path, prepared: Path) -> dict:
+    from recbole.model.sequential_recommender import SASRec
+    from recbole.trainer import Trainer
+
+    config = recbole_config("ml-100k", recbole_ml100k_dir().parent, work, HPARAMS, seed,
+                            epochs=epochs, stopping_step=patience, eval_step=1)
+    dataset, train_data, valid_data, test_data = recbole_data(config)
     split_check = compare_splits(dataset, valid_data, test_data, prepared)
     model = SASRec(config, train_data._dataset).to(config["device"])
     trainer = Trainer(config, model)
