@@ -114,7 +114,7 @@ def child(path: str, root: Path, windows: str, max_len: int, batch_size: int) ->
     import torch
 
     from shards.prepared import Item, PreparedDataset, SequenceStore, UserSequences, read_jsonl
-    from sicsrec.data import collate, epoch_batches, rank_slice, train_windows
+    from shards.windows import collate, epoch_batches, rank_slice, train_windows
 
     base = status()
     sampler = Sampler()

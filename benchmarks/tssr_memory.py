@@ -55,9 +55,9 @@ from sicsrec.config import EncoderConfig, TSSRConfig  # noqa: E402
 from sicsrec.encoders import _set_grad_checkpointing, build_content_encoder  # noqa: E402
 from sicsrec.engine import build_engine  # noqa: E402
 from sicsrec.runtime import dist as distenv  # noqa: E402
-from sicsrec.train_tssr import (ItemInputs, ItemStore, TSSRCollate, TSSRLoss, all_ranks,  # noqa: E402
-                                build_recommender, current_rss_mb, optimizer_state_mb, peak_memory_mb,
-                                reset_peak_memory)
+from shards.collate import ItemInputs, ItemStore, SequenceCollate  # noqa: E402
+from sicsrec.train_tssr import (TSSRLoss, all_ranks, build_recommender, current_rss_mb,  # noqa: E402
+                                optimizer_state_mb, peak_memory_mb, reset_peak_memory)
 
 WORDS = [f"{a}{b}" for a in ("red", "blue", "soft", "big", "mini", "warm", "cool", "dark") for b in
          ("shirt", "dress", "shoe", "cake", "soup", "lamp", "mug", "hat", "bag", "sock")]
@@ -154,7 +154,7 @@ def run_setting(args, env, encoders: EncoderConfig, store: ItemStore, stage: int
                           micro_batch=micro, grad_accum=args.grad_accum, grad_clip=1.0,
                           precision=args.precision, ds_config=args.ds_config, zero_stage=stage)
     image = encoder.image
-    collate = TSSRCollate(args.max_len, ItemInputs(store, encoder.text.tokenizer, encoder.text.max_len,
+    collate = SequenceCollate(args.max_len, ItemInputs(store, encoder.text.tokenizer, encoder.text.max_len,
                                                   image.transform(train=True) if image else None,
                                                   image.image_size if image else 0))
     rng = np.random.default_rng(1000 + env.rank)  # every rank its own users

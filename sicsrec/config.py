@@ -16,7 +16,7 @@ class TrainConfig:
     activation: str = "relu"  # SASRec FFN: relu (paper) | gelu (RecBole)
     dropout: float = 0.5
     max_len: int = 50
-    windows: str = "last"  # training rows (sicsrec.data): last | all (every train item a target) | prefix (RecBole)
+    windows: str = "last"  # training rows (shards.windows): last | all (every train item a target) | prefix (RecBole)
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0 = off

@@ -63,7 +63,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from shards.prepared import PreparedDataset, UserSequence
-from sicsrec.data import pad_left
+from shards.windows import pad_left
 
 KS = (5, 10, 20)
 DIAGNOSTICS = ("hit@1", "mrr", "top1_in_history", "top1_is_last", "target_is_repeat")  # sums; median_rank apart

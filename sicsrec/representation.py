@@ -63,7 +63,7 @@ def measure(pairs_a: torch.Tensor, pairs_b: torch.Tensor, items: torch.Tensor, p
 @torch.no_grad()
 def _test_representations(model, dataset, max_len: int, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """(sequence representations of every user's test history, the test targets)."""
-    from sicsrec.data import pad_left
+    from shards.windows import pad_left
 
     reprs, targets = [], []
     for start in range(0, len(dataset.users), batch_size):

@@ -22,13 +22,11 @@ number of candidates scoring strictly higher, so ties count in the query's favou
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import random
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,18 +35,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llm_labeling.run import SHARD_GLOB, read_pairs
+from shards.collate import PairCollate
 from shards.pairs import write_pair_shards
 from shards.prepared import PreparedDataset
 from shards.reader import EqualBatches, StreamedEpoch, load_index, stream
 from sicsrec.config import SFTConfig
 from sicsrec.encode import ItemEmbeddings, embed_items, from_main, initial_encoder
-from sicsrec.encoders import ContentEncoder
 from sicsrec.engine import Engine, RunCheckpoint, build_engine
+from sicsrec.loop import TrainLoop
 from sicsrec.losses import sft_loss
 from sicsrec.preemption import ignore_preemption_signals
 from sicsrec.runtime import dist as distenv
 from sicsrec.runtime.rundir import fingerprint, hash_files, run_stage, stage_fingerprint, write_json
-from sicsrec.loop import TrainLoop
 
 log = logging.getLogger(__name__)
 RECALL_AT = 10
@@ -97,48 +95,6 @@ def retrieval_recall(cache: ItemEmbeddings, held_out: list[tuple[int, int]], nor
     out[f"pair_recall@{k}"] = float((ranks < k).double().mean()) if len(ranks) else None
     out["pair_queries"] = len(ranks)
     return out
-
-
-@contextlib.contextmanager
-def seeded_rng(seed: int):
-    """Run a block on python / numpy / torch (CPU) RNGs seeded with `seed`, then restore the
-    streams that were there: the block neither consumes nor depends on them."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
-            seed_fn(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-class PairCollate:
-    """A list of decoded pair samples -> one batch: tokens of a-texts then b-texts, images (zero
-    placeholder + has_image False for missing or corrupt ones), item ids. Runs in loader workers.
-    The train transform of a batch is seeded by (seed, epoch, the batch's item ids), so it does
-    not depend on the batches before it: a run resumed mid-epoch augments as the original did."""
-
-    def __init__(self, model: ContentEncoder, seed: int = 0):
-        self.tokenizer, self.max_len = model.text.tokenizer, model.text.max_len
-        self.transform = model.image_transform(train=True) if model.has_image_encoder else None
-        self.size = model.cfg.image_size
-        self.seed, self.epoch = seed, 0  # the trainer sets epoch before each epoch's iteration
-
-    def __call__(self, samples: list[dict]) -> dict:
-        sides = [s["a"] for s in samples] + [s["b"] for s in samples]
-        enc = self.tokenizer([x["title"] for x in sides], padding=True, truncation=True, max_length=self.max_len,
-                             return_tensors="pt")
-        batch = {"tokens": {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
-                 "ids": torch.tensor([x["item"] for x in sides])}
-        if self.transform is not None:
-            batch["has_image"] = torch.tensor([x["image"] is not None for x in sides])
-            key = json.dumps([self.seed, self.epoch, batch["ids"].tolist()]).encode()
-            with seeded_rng(zlib.crc32(key)):
-                batch["images"] = torch.stack([self.transform(x["image"]) if x["image"] is not None
-                                               else torch.zeros(3, self.size, self.size) for x in sides])
-        return batch
 
 
 def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torch import nn
 
 from shards.prepared import PreparedDataset
 from sicsrec.config import TrainConfig
-from sicsrec.data import collate, epoch_batches, rank_slice, train_windows
+from shards.windows import collate, epoch_batches, rank_slice, train_windows
 from sicsrec.engine import RunCheckpoint, build_engine
 from sicsrec.evaluate import evaluate
 from sicsrec.loop import LazyBatches, TrainingInterrupted, TrainLoop  # noqa: F401 (TrainingInterrupted: re-exported)

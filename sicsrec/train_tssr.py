@@ -3,9 +3,10 @@
 Data. Training sequences are streamed from the train shards (`shards.reader.EqualBatches`: the
 same number of micro batches on every rank); one window per user, the last max_len+1 train
 items (inputs = all but the last, targets = all but the first). The item shards' titles and raw
-JPEG bytes are kept in memory (`ItemStore`); each step's unique input items are decoded,
-transformed (the image encoder's train transform) and tokenised in the collate function (in
-data-loader workers when `tssr.num_workers` > 0), then encoded in the forward.
+JPEG bytes are kept in memory (`shards.collate.ItemStore`); each step's unique input items are
+decoded, transformed (the image encoder's train transform) and tokenised in the collate
+(`shards.collate.SequenceCollate`, in data-loader workers when `tssr.num_workers` > 0), then
+encoded in the forward.
 
 Content modes (`tssr.content`):
 - end_to_end: the text and/or image encoders (`sicsrec.encoders`, built from `sft.encoders` or
@@ -24,31 +25,27 @@ extra): here CE sum = lambda_ce x the CE sum and extra = lambda_u L_u + lambda_i
 per-step `loss` in train_log.jsonl is exactly L; in the epoch history `loss` is
 lambda_ce x L_ce and `extra_loss` is lambda_u L_u + lambda_i L_i (epoch means).
 
-Everything else is the step-1 Trainer's (sicsrec/train.py): the engine (DeepSpeed ZeRO by
+Everything else is the step-1 Trainer's (sicsrec/train.py, on the one loop sicsrec/loop.py): the engine (DeepSpeed ZeRO by
 default; `tssr.grad_accum` micro batches per optimizer step), early stopping on validation
 NDCG@10, per-epoch checkpoints and exact resume, the progress bar. metrics.json adds the peak
 memory of every rank (CUDA max allocated on GPU, peak RSS of the process on CPU).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import random
 import resource
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from shards.collate import ItemInputs, ItemStore, SequenceCollate
 from shards.prepared import PreparedDataset
-from shards.reader import EqualBatches, StreamedEpoch, decode_image, stream
+from shards.reader import EqualBatches, StreamedEpoch
 from sicsrec.config import EncoderConfig, RunConfig, TSSRConfig
-from sicsrec.data import collate as collate_windows
 from sicsrec.encode import from_main, initial_encoder
 from sicsrec.encoders import NO_IMAGE, ContentEncoder, ImageEncoder, TextEncoder, _set_grad_checkpointing
 from sicsrec.evaluate import evaluate
@@ -92,97 +89,6 @@ def check_config(cfg: TSSRConfig, encoders: EncoderConfig | None = None) -> None
 
 
 # ---------------------------------------------------------------- item inputs
-
-@dataclass
-class ItemStore:
-    """Every item's title and raw JPEG bytes (None: no image), indexed by dense id (0 = padding)."""
-    titles: list[str]
-    jpegs: list[bytes | None]
-
-    @classmethod
-    def from_shards(cls, shard_dir: str | Path, num_items: int, progress: bool = True) -> "ItemStore":
-        titles, jpegs, seen = [""] * (num_items + 1), [None] * (num_items + 1), np.zeros(num_items + 1, bool)
-        for sample in tqdm(stream(shard_dir, "items", decode_images=False, split=False), desc="item shards",
-                           unit="item", disable=not progress, leave=False):
-            item = sample["item"]
-            if not 1 <= item <= num_items:
-                raise ValueError(f"item shards hold id {item} outside 1..{num_items}: are they from another "
-                                 f"prepare run?")
-            titles[item], jpegs[item], seen[item] = sample["title"], sample["jpg"], True
-        missing = np.flatnonzero(~seen[1:]) + 1
-        if len(missing):
-            raise ValueError(f"item shards lack {len(missing)} item(s) (e.g. {missing[:5].tolist()}); "
-                             f"re-run `launcher shard`")
-        return cls(titles, jpegs)
-
-
-class ItemInputs:
-    """Encoder inputs of a list of items: tokens and/or transformed images (a zero placeholder and
-    has_image False for items without a decodable image). Plain data: runs in loader workers."""
-
-    def __init__(self, store: ItemStore, tokenizer=None, text_max_len: int = 32, transform=None,
-                 image_size: int = 224):
-        self.store, self.tokenizer, self.text_max_len = store, tokenizer, text_max_len
-        self.transform, self.image_size = transform, image_size
-
-    def __call__(self, ids: list[int], seed: int | None = None) -> dict:
-        """`seed` makes the random image augmentation a function of the seed alone (the global
-        RNG states are left as they were)."""
-        out = {}
-        if self.tokenizer is not None:
-            enc = self.tokenizer([self.store.titles[i] for i in ids], padding=True, truncation=True,
-                                 max_length=self.text_max_len, return_tensors="pt")
-            out["tokens"] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if self.transform is not None:
-            images = [decode_image(self.store.jpegs[i], f"item {i}")[0] if self.store.jpegs[i] else None
-                      for i in ids]
-            size = self.image_size
-            out["has_image"] = torch.tensor([img is not None for img in images])
-            with seeded(seed):
-                out["pixels"] = torch.stack([self.transform(img) if img is not None else torch.zeros(3, size, size)
-                                             for img in images])
-        return out
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None):
-    """Python's and torch's global RNGs seeded inside (timm's transforms draw from both), restored after."""
-    if seed is None:
-        yield
-        return
-    state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(state)
-
-
-class TSSRCollate:
-    """Train-shard samples {"user", "items"} -> one micro batch: inputs/targets [B, max_len], user
-    ids, the sorted unique input items and (end to end) their encoder inputs. The image
-    augmentation is seeded by (seed, epoch, the batch's users): the same whichever worker makes
-    the batch, and when a resumed run makes it again."""
-
-    def __init__(self, max_len: int, item_inputs: ItemInputs | None, seed: int = 0):
-        self.max_len, self.item_inputs, self.seed = max_len, item_inputs, seed
-        self.epoch = 0
-
-    def __call__(self, samples: list[dict]) -> dict:
-        windows = [s["items"][-(self.max_len + 1):] for s in samples]
-        inputs, targets = collate_windows(windows, self.max_len)
-        ids = torch.unique(inputs[inputs != 0])
-        if len(ids) == 0:  # only users without history: encode one item anyway, every rank runs the encoders
-            ids = torch.tensor([1])
-        batch = {"inputs": inputs, "targets": targets, "users": torch.tensor([s["user"] for s in samples]),
-                 "content_ids": ids}
-        if self.item_inputs is not None:
-            users = tuple(batch["users"].tolist())
-            batch["content"] = self.item_inputs(ids.tolist(), seed=hash((self.seed, self.epoch) + users) & 0x7FFFFFFF)
-        return batch
-
 
 # ---------------------------------------------------------------- model
 
@@ -375,7 +281,7 @@ class TSSRTrainer(Trainer):
                                      image.image_size if image else 0)
         self.batches = EqualBatches(shard_dir, "train", micro, env.rank, env.world_size, cfg.num_workers,
                                     seed=self.seed, decode_images=False, skip_bad_images=False,
-                                    collate=TSSRCollate(cfg.train.max_len, item_inputs, self.seed))
+                                    collate=SequenceCollate(cfg.train.max_len, item_inputs, self.seed))
         steps = len(self.batches) if cfg.steps_per_epoch == 0 else min(len(self.batches), cfg.steps_per_epoch)
         self.steps_per_epoch = steps // cfg.grad_accum * cfg.grad_accum  # no accumulation spans two epochs
         if self.steps_per_epoch == 0:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shards.prepared import Item, PreparedDataset, UserSequence
-from sicsrec.data import pad_left
+from shards.windows import pad_left
 from sicsrec.evaluate import evaluate, item_range, metric_sums, sample_users, target_ranks
 from sicsrec.models.sasrec import SASRec
 

@@ -231,7 +231,8 @@ def test_every_model_scores_against_its_item_table():
 
 def test_sicsrec_and_tssr_losses_use_the_criterion():
     from sicsrec.train_sicsrec import SICSRecLoss
-    from sicsrec.train_tssr import TSSRCollate, TSSRLoss, build_recommender
+    from shards.collate import SequenceCollate
+    from sicsrec.train_tssr import TSSRLoss, build_recommender
 
     g = torch.Generator().manual_seed(1)
     torch.manual_seed(1)
@@ -251,7 +252,7 @@ def test_sicsrec_and_tssr_losses_use_the_criterion():
                      lambda_u=0.0, lambda_i=0.0, train=TrainConfig(max_len=6))
     recommender = build_recommender(cfg, 20, {"text": text, "image": image}).eval()
     tssr_loss = TSSRLoss(recommender, cfg)
-    batch = TSSRCollate(6, None)([{"user": u, "items": torch.randint(1, 21, (5,), generator=g).tolist()}
+    batch = SequenceCollate(6, None)([{"user": u, "items": torch.randint(1, 21, (5,), generator=g).tolist()}
                                   for u in range(1, 5)])
     tssr_loss.feed(batch)
     full_sum, full_count, _ = tssr_loss(batch["inputs"], batch["targets"])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from shards.prepared import PreparedDataset
-from sicsrec.data import pad_left
+from shards.windows import pad_left
 from sicsrec.representation import alignment, load_sicsrec_model, stage_representation, uniformity
 from sicsrec.train import load_id_encoder
 from sicsrec.train_sicsrec import train_sicsrec

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sicsrec.data import collate, pad_left
+from shards.windows import collate, pad_left
 from sicsrec.models.gru4rec import GRU4Rec
 from sicsrec.models.sasrec import SASRec
 from sicsrec.train import NextItemLoss

@@ -1,5 +1,5 @@
 """The sequence store (shards.prepared.SequenceStore: the prepared sequences as memory-mapped
-columns) gives exactly what sequences.jsonl gives, and the window index of sicsrec.data gives
+columns) gives exactly what sequences.jsonl gives, and the window index of shards.windows gives
 exactly the windows of the plain list implementation it replaced (kept here as the reference)."""
 import json
 import pickle
@@ -12,7 +12,7 @@ import torch
 from shards.prepare import sequence_records
 from shards.prepared import (STORE_FILES, Item, PreparedDataset, SequenceStore, StoreWriter, UserSequence,
                              UserSequences, read_jsonl)
-from sicsrec.data import PrefixRow, TrainWindows, collate, epoch_batches, pad_left, rank_slice, train_windows
+from shards.windows import PrefixRow, TrainWindows, collate, epoch_batches, pad_left, rank_slice, train_windows
 from sicsrec.evaluate import evaluate
 
 

@@ -13,7 +13,7 @@ import torch
 
 from shards.prepared import Item, PreparedDataset, UserSequence
 from sicsrec.config import TrainConfig
-from sicsrec.data import epoch_batches, rank_slice, train_windows
+from shards.windows import epoch_batches, rank_slice, train_windows
 from sicsrec.evaluate import evaluate
 from sicsrec.train import TrainingInterrupted, load_id_encoder, train_id
 

@@ -25,8 +25,8 @@ from sicsrec.evaluate import evaluate
 from sicsrec.losses import item_contrastive_loss, user_contrastive_loss
 from sicsrec.runtime.rundir import run_stage
 from sicsrec.train import TrainingInterrupted
-from sicsrec.train_tssr import (ItemInputs, ItemStore, TSSRCollate, TSSRLoss, build_recommender, check_config,
-                                train_tssr)
+from shards.collate import ItemInputs, ItemStore, SequenceCollate
+from sicsrec.train_tssr import TSSRLoss, build_recommender, check_config, train_tssr
 from tests.helpers import tiny_synth
 from test_encoders import tiny_config
 
@@ -74,7 +74,7 @@ def test_collated_batch_holds_the_items_inputs(data):
     store = ItemStore.from_shards(root / "shards", dataset.num_items, progress=False)
     assert store.titles == dataset.titles()
     assert [j is not None for j in store.jpegs[1:]] == [it.image is not None for it in dataset.items[1:]]
-    collate = TSSRCollate(4, ItemInputs(store, encoder.text.tokenizer, 16, encoder.image.transform(train=True), 32))
+    collate = SequenceCollate(4, ItemInputs(store, encoder.text.tokenizer, 16, encoder.image.transform(train=True), 32))
     batches = EqualBatches(root / "shards", "train", 5, 0, 1, decode_images=False, collate=collate)
     batch = next(iter(batches))
     by_user = {u.user: u.train for u in dataset.users}
@@ -103,7 +103,7 @@ def test_loss_folds_the_three_weights(data):
     torch.manual_seed(0)
     model = build_recommender(cfg, dataset.num_items, tables)
     loss = TSSRLoss(model, cfg)
-    batch = TSSRCollate(6, None)([{"user": u.user, "items": u.train} for u in dataset.users[:7]])
+    batch = SequenceCollate(6, None)([{"user": u.user, "items": u.train} for u in dataset.users[:7]])
     loss.feed(batch)
     ce_sum, count, extra = loss(batch["inputs"], batch["targets"])
     # independent: the model on the items' concatenated cached features, the paper's eq. 4 terms

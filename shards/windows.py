@@ -1,4 +1,4 @@
-"""Training sequences and batching for the ID recommenders (from the PreparedDataset's sequence
+"""Training windows and batching for the next-item trainers (from the PreparedDataset's sequence
 store: a compact window index over the memory-mapped train items, no per-user Python objects).
 
 Training samples (SASRec / RecBole-CE style): for each user the train sequence gives inputs
