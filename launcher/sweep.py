@@ -202,7 +202,7 @@ def run_one(cfg: Config, stage: str, batch: int, rule: str, base_batch: int | No
     """Run (or skip, or resume) the stage at one global batch size; returns its row on rank 0."""
     import torch
 
-    from launcher.stages import STAGES
+    from launcher.stages import run
     from sicsrec.representation import stage_representation
 
     spec = _stage_spec(stage)
@@ -222,7 +222,7 @@ def run_one(cfg: Config, stage: str, batch: int, rule: str, base_batch: int | No
     before = read_manifest(sub / spec.out)
     start = time.time()
     with PeakMemory(distenv.device(env)) as memory:
-        manifest = STAGES[stage][0](sub_cfg, force)
+        manifest = run(sub_cfg, stage, force)
     ran = manifest != before
     peak_mb = memory.megabytes()
     if not ran and old_row and old_row["fingerprint"] == manifest["fingerprint"]:
