@@ -87,7 +87,7 @@ def stage_worker(args) -> None:
     spec = SWEEP_STAGES[args.stage]
     sub = Path(args.sub_dir)
     if env.is_main:
-        link_upstream(Path(cfg.run_dir), sub, spec.upstream)
+        link_upstream(cfg, sub, spec.upstream)
     distenv.barrier()
     lr = {"train-id": cfg.train_id.lr, "train-sicsrec": cfg.sicsrec.train.lr, "sft": cfg.sft.lr}[args.stage]
     cfg = with_batch(cfg, args.stage, args.batch, lr, env.world_size, sub)

@@ -3,6 +3,7 @@ a manifest (sicsrec.runtime.rundir), and is skipped when its manifest matches (c
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,30 +15,35 @@ from sicsrec.runtime.rundir import Upstream, hash_files, run_declared
 
 @dataclass(frozen=True)
 class Stage:
-    folder: str  # where it writes in the run directory
+    """A stage: its run-directory folder (kept from the first layout, so old run directories keep
+    working), its CLI help and its body. The body picks its config section and its upstream
+    folders (cfg.stage_dir) and runs through sicsrec.runtime.rundir.run_declared."""
+    folder: str
     help: str
-    body: Callable[[Config, Callable[[str], Path], bool], dict]  # (config, folder of a stage by name, force)
+    body: Callable[[Config, bool], dict]  # (config, force) -> manifest
 
 
-def folder(cfg: Config, name: str) -> Path:
-    return Path(cfg.run_dir) / STAGES[name].folder
-
-
-def _upstream(cfg: Config, name: str) -> str:
-    return Upstream(name, folder(cfg, name)).fingerprint()
+def _lazy(target: str) -> Callable:
+    """`module:function`, imported on the first call (the CLI starts without torch)."""
+    module, name = target.split(":")
+    return lambda *args, **kwargs: getattr(importlib.import_module(module), name)(*args, **kwargs)
 
 
 def run(cfg: Config, name: str, force: bool = False) -> dict:
-    return STAGES[name].body(cfg, lambda stage: folder(cfg, stage), force)
+    return STAGES[name].body(cfg, force)
 
 
-def _synth(cfg: Config, d, force: bool) -> dict:
+def _upstream(cfg: Config, name: str) -> str:
+    return Upstream(name, cfg.stage_dir(name)).fingerprint()
+
+
+def _synth(cfg: Config, force: bool) -> dict:
     from shards.synth import synthesize
 
     if cfg.data.format != "synth":
         raise ValueError(f"`synth` makes the embedded dataset, but data.format is {cfg.data.format!r}")
-    return run_declared("synth", d("synth"), cfg.data.synth, {}, lambda run: synthesize(cfg.data.synth, run.out),
-                        force)
+    return run_declared("synth", cfg.stage_dir("synth"), cfg.data.synth, {},
+                        lambda run: synthesize(cfg.data.synth, run.out), force)
 
 
 def _raw_source(cfg: Config) -> tuple[Path, dict]:
@@ -46,7 +52,7 @@ def _raw_source(cfg: Config) -> tuple[Path, dict]:
 
     fmt, src = cfg.data.format, cfg.data.source
     if fmt == "synth":
-        return folder(cfg, "synth"), {"synth": Upstream("synth", folder(cfg, "synth"))}
+        return cfg.stage_dir("synth"), {"synth": Upstream("synth", cfg.stage_dir("synth"))}
     if fmt == "canonical":
         from shards.canonical import interactions_path
 
@@ -68,7 +74,7 @@ def _raw_source(cfg: Config) -> tuple[Path, dict]:
     return raw, {"raw": hash_files([raw / "items.jsonl", raw / "interactions.csv"])}
 
 
-def _prepare(cfg: Config, d, force: bool) -> dict:
+def _prepare(cfg: Config, force: bool) -> dict:
     from shards.prepare import prepare_dir, prepare_ray, stats_table
 
     source, inputs = _raw_source(cfg)
@@ -79,8 +85,8 @@ def _prepare(cfg: Config, d, force: bool) -> dict:
             return prepare_ray(source, run.out, cfg.data.kcore, cfg.data.validate_images, cfg.data.ray_address)
         return prepare_dir(source, run.out, cfg.data.kcore, cfg.data.validate_images)
 
-    manifest = run_declared("prepare", d("prepare"), section, inputs, body, force)
-    print(f"\nDataset statistics ({d('prepare')}/stats.json; % of each section's total)\n"
+    manifest = run_declared("prepare", cfg.stage_dir("prepare"), section, inputs, body, force)
+    print(f"\nDataset statistics ({cfg.stage_dir('prepare')}/stats.json; % of each section's total)\n"
           + stats_table(manifest["metrics"]))
     return manifest
 
@@ -89,58 +95,21 @@ def prepare(cfg: Config, force: bool = False) -> dict:
     return run(cfg, "prepare", force)
 
 
-def _shard(cfg: Config, d, force: bool) -> dict:
+def _shard(cfg: Config, force: bool) -> dict:
     from shards.prepared import PreparedDataset
     from shards.writer import write_shards
 
-    return run_declared("shard", d("shard"), cfg.shard, {"prepare": Upstream("prepare", d("prepare"))},
-                        lambda run: write_shards(PreparedDataset.load(d("prepare")), run.out, cfg.shard), force)
+    prepared = cfg.stage_dir("prepare")
+    return run_declared("shard", cfg.stage_dir("shard"), cfg.shard, {"prepare": Upstream("prepare", prepared)},
+                        lambda run: write_shards(PreparedDataset.load(prepared), run.out, cfg.shard), force)
 
 
-def _label(cfg: Config, d, force: bool) -> dict:
+def _label(cfg: Config, force: bool) -> dict:
     from llm_labeling.run import label
 
-    return run_declared("label", d("label"), cfg.label, {"prepare": Upstream("prepare", d("prepare"))},
-                        lambda run: label(cfg.label, d("prepare"), run.out, seed=cfg.seed, force=force), force,
-                        cfg.seed)
-
-
-def _sft(cfg: Config, d, force: bool) -> dict:
-    from sicsrec.sft import sft
-
-    return sft(cfg.sft, d("prepare"), d("shard"), d("label"), d("sft"), cfg.seed, force)
-
-
-def _encode(cfg: Config, d, force: bool) -> dict:
-    from sicsrec.encode import encode
-
-    return encode(cfg.encode, d("prepare"), d("shard"), d("sft"), d("encode"), force, cfg.sft.encoders, cfg.seed)
-
-
-def _train_id(cfg: Config, d, force: bool) -> dict:
-    from sicsrec.train import train_id
-
-    return train_id(cfg.train_id, d("prepare"), d("train-id"), cfg.seed, force)
-
-
-def _train_sicsrec(cfg: Config, d, force: bool) -> dict:
-    from sicsrec.train_sicsrec import train_sicsrec
-
-    return train_sicsrec(cfg, force)
-
-
-def _train_content(variant: str):
-    def body(cfg: Config, d, force: bool) -> dict:
-        from sicsrec.train_content import train_content
-
-        return train_content(cfg, variant, force)
-    return body
-
-
-def _train_tssr(cfg: Config, d, force: bool) -> dict:
-    from sicsrec.train_tssr import train_tssr
-
-    return train_tssr(cfg, force)
+    prepared = cfg.stage_dir("prepare")
+    return run_declared("label", cfg.stage_dir("label"), cfg.label, {"prepare": Upstream("prepare", prepared)},
+                        lambda run: label(cfg.label, prepared, run.out, seed=cfg.seed, force=force), force, cfg.seed)
 
 
 STAGES: dict[str, Stage] = {
@@ -151,20 +120,30 @@ STAGES: dict[str, Stage] = {
     "label": Stage("label", "LLM picks each user's most similar earlier item (Ray fan-out) "
                             "-> <run_dir>/label/pairs-*.jsonl", _label),
     "sft": Stage("sft", "SICSRec 3.3.2: fine-tune text + image encoders on labelled pairs (t2t, i2i, t2i InfoNCE, "
-                        "DeepSpeed ZeRO) -> <run_dir>/sft", _sft),
+                        "DeepSpeed ZeRO) -> <run_dir>/sft",
+                 lambda c, force: _lazy("sicsrec.sft:sft")(c.sft, c.stage_dir("prepare"), c.stage_dir("shard"),
+                                                           c.stage_dir("label"), c.stage_dir("sft"), c.seed, force)),
     "encode": Stage("embeddings", "embed every item with the tuned encoders "
-                                  "-> <run_dir>/embeddings/{text,image,has_image}.npy", _encode),
+                                  "-> <run_dir>/embeddings/{text,image,has_image}.npy",
+                    lambda c, force: _lazy("sicsrec.encode:encode")(c.encode, c.stage_dir("prepare"),
+                                                                    c.stage_dir("shard"), c.stage_dir("sft"),
+                                                                    c.stage_dir("encode"), force, c.sft.encoders,
+                                                                    c.seed)),
     "train-id": Stage("train_id", "SICSRec step 1: SASRec/GRU4Rec ID encoder, full-softmax CE, early stopping "
-                                  "-> <run_dir>/train_id", _train_id),
+                                  "-> <run_dir>/train_id",
+                      lambda c, force: _lazy("sicsrec.train:train_id")(c.train_id, c.stage_dir("prepare"),
+                                                                       c.stage_dir("train-id"), c.seed, force)),
     "train-sicsrec": Stage("sicsrec", "SICSRec step 2: step-1 encoder layers frozen + LoRA (item embeddings keep "
                                       "training: Table 9 fixed_id_enc), content encoder, mix decoder, CE + alpha "
-                                      "ConCL -> <run_dir>/sicsrec", _train_sicsrec),
+                                      "ConCL -> <run_dir>/sicsrec", _lazy("sicsrec.train_sicsrec:train_sicsrec")),
     "train-content": Stage("sasrec_content", "baseline SASRec-Content: cached content embeddings as the only input "
-                                             "-> <run_dir>/sasrec_content", _train_content("content")),
+                                             "-> <run_dir>/sasrec_content",
+                           lambda c, force: _lazy("sicsrec.train_content:train_content")(c, "content", force)),
     "train-hybrid": Stage("sasrec_hybrid", "baseline SASRec-Hybrid: ID + content embeddings at the input "
-                                           "-> <run_dir>/sasrec_hybrid", _train_content("hybrid")),
+                                           "-> <run_dir>/sasrec_hybrid",
+                          lambda c, force: _lazy("sicsrec.train_content:train_content")(c, "hybrid", force)),
     "train-tssr": Stage("tssr", "TSSR: two-stream ID + content model, encoders in the loop (or cached), "
-                                "L_u + L_i + CE, DeepSpeed ZeRO -> <run_dir>/tssr", _train_tssr),
+                                "L_u + L_i + CE, DeepSpeed ZeRO -> <run_dir>/tssr", _lazy("sicsrec.train_tssr:train_tssr")),
 }
 RESULT_STAGES = {"train-id": "SASRec (step 1)", "train-content": "SASRec-Content", "train-hybrid": "SASRec-Hybrid",
                  "train-sicsrec": "SICSRec", "train-tssr": "TSSR"}

@@ -9,7 +9,6 @@ Reads <run_dir>/{prepare, embeddings}; writes <run_dir>/sasrec_content or <run_d
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from shards.prepared import PreparedDataset, prepared_input
 from sicsrec.config import RunConfig
@@ -39,17 +38,17 @@ def train_content(cfg: RunConfig, variant: str = "content", force: bool = False,
     """SASRec-Content (variant "content") or SASRec-Hybrid ("hybrid") -> <run_dir>/sasrec_<variant>."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    run = Path(cfg.run_dir)
-    inputs = {"prepare": prepared_input(run / "prepare"), "embeddings": Upstream("encode", run / "embeddings")}
-    tables = load_embedding_cache(run / "embeddings")
+    d = cfg.stage_dir
+    inputs = {"prepare": prepared_input(d("prepare")), "embeddings": Upstream("encode", d("encode"))}
+    tables = load_embedding_cache(d("encode"))
     tables = {k: v for k, v in tables.items() if (k != "text" or use_text) and (k != "image" or use_image)}
     if "text" not in tables and "image" not in tables:
         raise ValueError("train-content needs text or image embeddings (use_text / use_image)")
     section = dict(dataclasses.asdict(cfg.train_id), variant=variant, content=sorted(k for k in tables if k != "has_image"))
 
     def body(stage: StageRun) -> dict:
-        dataset = PreparedDataset.load(run / "prepare")
+        dataset = PreparedDataset.load(d("prepare"))
         trainer = ContentTrainer(variant, tables, cfg.train_id, dataset, stage.out, cfg.seed, stage.env, stage.run_id)
         return dict(fit_summary(trainer, force, stop_after_epoch), model=f"sasrec_{variant}")
 
-    return run_declared(f"train-{variant}", run / f"sasrec_{variant}", section, inputs, body, force, cfg.seed)
+    return run_declared(f"train-{variant}", d(f"train-{variant}"), section, inputs, body, force, cfg.seed)

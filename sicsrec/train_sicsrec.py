@@ -224,9 +224,9 @@ def load_embedding_cache(folder: Path) -> dict:
 
 def train_sicsrec(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None = None) -> dict:
     """Stage `train-sicsrec`: reads <run_dir>/{prepare, train_id, embeddings}, writes <run_dir>/sicsrec."""
-    run = Path(cfg.run_dir)
-    inputs = {"prepare": prepared_input(run / "prepare"), "train_id": Upstream("train-id", run / "train_id"),
-              "embeddings": Upstream("encode", run / "embeddings")}
+    d = cfg.stage_dir
+    inputs = {"prepare": prepared_input(d("prepare")), "train_id": Upstream("train-id", d("train-id")),
+              "embeddings": Upstream("encode", d("encode"))}
     strategy = STRATEGIES[resolve_strategy(cfg.sicsrec.strategy)]
     if cfg.sicsrec.strategy in ALIASES:
         warnings.warn(f"sicsrec.strategy={cfg.sicsrec.strategy} is deprecated: it means "
@@ -234,8 +234,7 @@ def train_sicsrec(cfg: RunConfig, force: bool = False, stop_after_epoch: int | N
 
     def body(stage: StageRun) -> dict:
         out, env, run_id = stage.out, stage.env, stage.run_id
-        args = (load_id_encoder(run / "train_id"), load_embedding_cache(run / "embeddings"),
-                PreparedDataset.load(run / "prepare"))
+        args = (load_id_encoder(d("train-id")), load_embedding_cache(d("encode")), PreparedDataset.load(d("prepare")))
         if not strategy.content_pretrain:
             metrics = _fit(SICSRecTrainer(cfg.sicsrec, *args, out, cfg.seed, env, run_id), force, stop_after_epoch)
             metrics["epochs_to_best"] = metrics["best_epoch"] + 1  # 0: the start (step 1) was kept
@@ -254,7 +253,7 @@ def train_sicsrec(cfg: RunConfig, force: bool = False, stop_after_epoch: int | N
                                      else first["epochs_run"] + metrics["best_epoch"] + 1)
         return metrics
 
-    return run_declared("train-sicsrec", run / "sicsrec", cfg.sicsrec, inputs, body, force, cfg.seed)
+    return run_declared("train-sicsrec", d("train-sicsrec"), cfg.sicsrec, inputs, body, force, cfg.seed)
 
 
 def _fit(trainer: SICSRecTrainer, force: bool, stop_after_epoch: int | None) -> dict:

@@ -499,36 +499,36 @@ def train_tssr(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None
     `stop_after_epoch` simulates a kill (tests). Returns the manifest (metrics under "metrics")."""
     c = cfg.tssr
     check_config(c, cfg.sft.encoders)
-    run = Path(cfg.run_dir)
-    inputs = {"prepare": prepared_input(run / "prepare"), "shards": shards_input(run / "shards")}
+    d = cfg.stage_dir
+    inputs = {"prepare": prepared_input(d("prepare")), "shards": shards_input(d("shard"))}
     section = dataclasses.asdict(c)
     tuned_dir = None
     if c.content == "end_to_end":
         # rank 0 decides (it wrote the sft manifest); init first so that from_main can broadcast
         is_main = distenv.init(distenv.detect()).is_main
-        tuned_dir = from_main(_tuned_encoder_dir(run / "sft") if c.init_from_sft and is_main else None)
+        tuned_dir = from_main(_tuned_encoder_dir(d("sft")) if c.init_from_sft and is_main else None)
         if tuned_dir is not None:
-            inputs["sft"] = Upstream("sft", run / "sft")
+            inputs["sft"] = Upstream("sft", d("sft"))
         else:
             if c.init_from_sft:
-                log.warning("train-tssr: no finished sft stage in %s; starting from UNTUNED encoders", run / "sft")
+                log.warning("train-tssr: no finished sft stage in %s; starting from UNTUNED encoders", d("sft"))
             section["encoders"] = dataclasses.asdict(cfg.sft.encoders)
         section["encoder_source"] = "sft" if tuned_dir else "untuned"
     else:
-        inputs["embeddings"] = Upstream("encode", run / "embeddings")
+        inputs["embeddings"] = Upstream("encode", d("encode"))
 
     def body(stage: StageRun) -> dict:
         env, out = stage.env, stage.out
-        dataset = PreparedDataset.load(run / "prepare")
+        dataset = PreparedDataset.load(d("prepare"))
         store = None
         if c.content == "end_to_end":
             source = ContentEncoder.load(tuned_dir) if tuned_dir else initial_encoder(cfg.sft.encoders, dataset,
                                                                                       cfg.seed)
             _set_grad_checkpointing(source, c.grad_checkpointing)
-            store = ItemStore.from_shards(run / "shards", dataset.num_items, progress=env.is_main)
+            store = ItemStore.from_shards(d("shard"), dataset.num_items, progress=env.is_main)
         else:
-            source = load_embedding_cache(run / "embeddings")
-        trainer = TSSRTrainer(c, source, store, run / "shards", dataset, out, cfg.seed, env, stage.run_id)
+            source = load_embedding_cache(d("encode"))
+        trainer = TSSRTrainer(c, source, store, d("shard"), dataset, out, cfg.seed, env, stage.run_id)
         trainer.resume(restart=force)
         metrics = trainer.fit(stop_after_epoch)
         metrics.update(trainer.summary(), model="tssr", encoder_source=section.get("encoder_source", "cache"))
@@ -536,4 +536,4 @@ def train_tssr(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None
             write_json(out / "metrics.json", metrics)
         return {k: v for k, v in metrics.items() if k != "history"}
 
-    return run_declared("train-tssr", run / "tssr", section, inputs, body, force, cfg.seed, per_world_size=True)
+    return run_declared("train-tssr", d("train-tssr"), section, inputs, body, force, cfg.seed, per_world_size=True)
