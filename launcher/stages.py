@@ -1,5 +1,7 @@
-"""The pipeline's stages. Each reads its inputs from the run directory, writes its outputs and
-a manifest (sicsrec.runtime.rundir), and is skipped when its manifest matches (config + inputs)."""
+"""The stage registry: `STAGES` maps each CLI name to its folder in the run directory, its help
+and its body. Each body reads its config section and its upstream folders (Config.stage_dir)
+and runs through sicsrec.runtime.rundir.run_declared: skipped when its manifest matches (config
++ inputs), resumed, or redone with --force."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,10 +25,10 @@ class Stage:
     body: Callable[[Config, bool], dict]  # (config, force) -> manifest
 
 
-def _lazy(target: str) -> Callable:
-    """`module:function`, imported on the first call (the CLI starts without torch)."""
+def _call(target: str, *args):
+    """Call `module:function`, imported only now (the CLI starts without torch)."""
     module, name = target.split(":")
-    return lambda *args, **kwargs: getattr(importlib.import_module(module), name)(*args, **kwargs)
+    return getattr(importlib.import_module(module), name)(*args)
 
 
 def run(cfg: Config, name: str, force: bool = False) -> dict:
@@ -121,29 +123,30 @@ STAGES: dict[str, Stage] = {
                             "-> <run_dir>/label/pairs-*.jsonl", _label),
     "sft": Stage("sft", "SICSRec 3.3.2: fine-tune text + image encoders on labelled pairs (t2t, i2i, t2i InfoNCE, "
                         "DeepSpeed ZeRO) -> <run_dir>/sft",
-                 lambda c, force: _lazy("sicsrec.sft:sft")(c.sft, c.stage_dir("prepare"), c.stage_dir("shard"),
-                                                           c.stage_dir("label"), c.stage_dir("sft"), c.seed, force)),
+                 lambda c, force: _call("sicsrec.sft:sft", c.sft, c.stage_dir("prepare"), c.stage_dir("shard"),
+                                        c.stage_dir("label"), c.stage_dir("sft"), c.seed, force)),
     "encode": Stage("embeddings", "embed every item with the tuned encoders "
                                   "-> <run_dir>/embeddings/{text,image,has_image}.npy",
-                    lambda c, force: _lazy("sicsrec.encode:encode")(c.encode, c.stage_dir("prepare"),
-                                                                    c.stage_dir("shard"), c.stage_dir("sft"),
-                                                                    c.stage_dir("encode"), force, c.sft.encoders,
-                                                                    c.seed)),
+                    lambda c, force: _call("sicsrec.encode:encode", c.encode, c.stage_dir("prepare"),
+                                           c.stage_dir("shard"), c.stage_dir("sft"), c.stage_dir("encode"), force,
+                                           c.sft.encoders, c.seed)),
     "train-id": Stage("train_id", "SICSRec step 1: SASRec/GRU4Rec ID encoder, full-softmax CE, early stopping "
                                   "-> <run_dir>/train_id",
-                      lambda c, force: _lazy("sicsrec.train:train_id")(c.train_id, c.stage_dir("prepare"),
-                                                                       c.stage_dir("train-id"), c.seed, force)),
+                      lambda c, force: _call("sicsrec.train:train_id", c.train_id, c.stage_dir("prepare"),
+                                             c.stage_dir("train-id"), c.seed, force)),
     "train-sicsrec": Stage("sicsrec", "SICSRec step 2: step-1 encoder layers frozen + LoRA (item embeddings keep "
                                       "training: Table 9 fixed_id_enc), content encoder, mix decoder, CE + alpha "
-                                      "ConCL -> <run_dir>/sicsrec", _lazy("sicsrec.train_sicsrec:train_sicsrec")),
+                                      "ConCL -> <run_dir>/sicsrec",
+                           lambda c, force: _call("sicsrec.train_sicsrec:train_sicsrec", c, force)),
     "train-content": Stage("sasrec_content", "baseline SASRec-Content: cached content embeddings as the only input "
                                              "-> <run_dir>/sasrec_content",
-                           lambda c, force: _lazy("sicsrec.train_content:train_content")(c, "content", force)),
+                           lambda c, force: _call("sicsrec.train_content:train_content", c, "content", force)),
     "train-hybrid": Stage("sasrec_hybrid", "baseline SASRec-Hybrid: ID + content embeddings at the input "
                                            "-> <run_dir>/sasrec_hybrid",
-                          lambda c, force: _lazy("sicsrec.train_content:train_content")(c, "hybrid", force)),
+                          lambda c, force: _call("sicsrec.train_content:train_content", c, "hybrid", force)),
     "train-tssr": Stage("tssr", "TSSR: two-stream ID + content model, encoders in the loop (or cached), "
-                                "L_u + L_i + CE, DeepSpeed ZeRO -> <run_dir>/tssr", _lazy("sicsrec.train_tssr:train_tssr")),
+                                "L_u + L_i + CE, DeepSpeed ZeRO -> <run_dir>/tssr",
+                        lambda c, force: _call("sicsrec.train_tssr:train_tssr", c, force)),
 }
 RESULT_STAGES = {"train-id": "SASRec (step 1)", "train-content": "SASRec-Content", "train-hybrid": "SASRec-Hybrid",
                  "train-sicsrec": "SICSRec", "train-tssr": "TSSR"}

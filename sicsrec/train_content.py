@@ -44,7 +44,8 @@ def train_content(cfg: RunConfig, variant: str = "content", force: bool = False,
     tables = {k: v for k, v in tables.items() if (k != "text" or use_text) and (k != "image" or use_image)}
     if "text" not in tables and "image" not in tables:
         raise ValueError("train-content needs text or image embeddings (use_text / use_image)")
-    section = dict(dataclasses.asdict(cfg.train_id), variant=variant, content=sorted(k for k in tables if k != "has_image"))
+    section = dict(dataclasses.asdict(cfg.train_id), variant=variant,
+                   content=sorted(k for k in tables if k != "has_image"))
 
     def body(stage: StageRun) -> dict:
         dataset = PreparedDataset.load(d("prepare"))
