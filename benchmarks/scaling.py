@@ -76,7 +76,7 @@ def use_local_negatives() -> None:
 def stage_worker(args) -> None:
     """One measured stage run (under torchrun)."""
     from launcher.config import load_config
-    from launcher.stages import STAGES
+    from launcher.stages import run
     from launcher.sweep import SWEEP_STAGES, link_upstream, with_batch
     from sicsrec.runtime import dist as distenv
 
@@ -87,12 +87,12 @@ def stage_worker(args) -> None:
     spec = SWEEP_STAGES[args.stage]
     sub = Path(args.sub_dir)
     if env.is_main:
-        link_upstream(Path(cfg.run_dir), sub, spec.upstream)
+        link_upstream(cfg, sub, spec.upstream)
     distenv.barrier()
     lr = {"train-id": cfg.train_id.lr, "train-sicsrec": cfg.sicsrec.train.lr, "sft": cfg.sft.lr}[args.stage]
     cfg = with_batch(cfg, args.stage, args.batch, lr, env.world_size, sub)
     start = time.time()
-    manifest = STAGES[args.stage][0](cfg, True)
+    manifest = run(cfg, args.stage, True)
     if env.is_main:
         metrics = manifest["metrics"]
         samples = metrics[spec.samples_metric]
@@ -159,11 +159,11 @@ def torchrun(world: int, worker_args: list[str], result: Path) -> dict | list:
 
 def build_upstream(config: str, run_dir: Path) -> None:
     from launcher.config import load_config
-    from launcher.stages import STAGES
+    from launcher.stages import run
 
     cfg = load_config(config, [f"run_dir={run_dir}", *UPSTREAM_SETS])
     for name in UPSTREAM:
-        STAGES[name][0](cfg, False)  # skipped when its manifest matches
+        run(cfg, name, False)  # skipped when its manifest matches
 
 
 def measure_stages(args, out: Path) -> list[dict]:

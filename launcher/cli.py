@@ -7,7 +7,7 @@ import os
 import sys
 
 from launcher.config import ConfigError, dump, load_config
-from launcher.stages import STAGES, run_pipeline
+from launcher.stages import STAGES, run, run_pipeline
 
 EPILOG = """\
 examples:
@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--run-dir", help="shorthand for --set run_dir=DIR")
     common.add_argument("--force", action="store_true", help="redo stages even when their manifest says done")
     sub.add_parser("pipeline", parents=[common], help="run the stages listed in the config's `pipeline`")
-    for name, (_, help_text) in STAGES.items():
-        sub.add_parser(name, parents=[common], help=help_text)
+    for name, stage in STAGES.items():
+        sub.add_parser(name, parents=[common], help=stage.help)
     sub.add_parser("show-config", parents=[common], help="print the resolved config tree as JSON")
     add_sweep_parser(sub, common)
     return parser
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pipeline":
             run_pipeline(cfg, args.force)
         else:
-            STAGES[args.command][0](cfg, args.force)
+            run(cfg, args.command, args.force)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -35,6 +35,12 @@ class Config:
     sicsrec: SICSRecConfig = field(default_factory=SICSRecConfig)
     tssr: TSSRConfig = field(default_factory=TSSRConfig)
 
+    def stage_dir(self, stage: str) -> Path:
+        """Where `stage` (a CLI name) writes in the run directory: the registry names the folder."""
+        from launcher.stages import STAGES
+
+        return Path(self.run_dir) / STAGES[stage].folder
+
 
 class ConfigError(ValueError):
     pass

@@ -1,36 +1,51 @@
-"""The pipeline's stages. Each reads its inputs from the run directory, writes its outputs and
-a manifest (sicsrec.runtime.rundir), and is skipped when its manifest matches (config + inputs)."""
+"""The stage registry: `STAGES` maps each CLI name to its folder in the run directory, its help
+and its body. Each body reads its config section and its upstream folders (Config.stage_dir)
+and runs through sicsrec.runtime.rundir.run_declared: skipped when its manifest matches (config
++ inputs), resumed, or redone with --force."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from launcher.config import Config
-from sicsrec.runtime.rundir import hash_files, read_manifest, run_stage
+from sicsrec.runtime.rundir import Upstream, hash_files, run_declared
 
 
-def _stage_dir(cfg: Config, name: str) -> Path:
-    return Path(cfg.run_dir) / name
+@dataclass(frozen=True)
+class Stage:
+    """A stage: its run-directory folder (kept from the first layout, so old run directories keep
+    working), its CLI help and its body. The body picks its config section and its upstream
+    folders (cfg.stage_dir) and runs through sicsrec.runtime.rundir.run_declared."""
+    folder: str
+    help: str
+    body: Callable[[Config, bool], dict]  # (config, force) -> manifest
+
+
+def _call(target: str, *args):
+    """Call `module:function`, imported only now (the CLI starts without torch)."""
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)(*args)
+
+
+def run(cfg: Config, name: str, force: bool = False) -> dict:
+    return STAGES[name].body(cfg, force)
 
 
 def _upstream(cfg: Config, name: str) -> str:
-    manifest = read_manifest(_stage_dir(cfg, name))
-    if manifest is None:
-        raise FileNotFoundError(f"stage '{name}' has not run in {cfg.run_dir} (no manifest); run it first "
-                                f"or use `python -m launcher pipeline`")
-    return manifest["fingerprint"]
+    return Upstream(name, cfg.stage_dir(name)).fingerprint()
 
 
-def synth(cfg: Config, force: bool = False) -> dict:
+def _synth(cfg: Config, force: bool) -> dict:
     from shards.synth import synthesize
 
     if cfg.data.format != "synth":
         raise ValueError(f"`synth` makes the embedded dataset, but data.format is {cfg.data.format!r}")
-    section = dataclasses.asdict(cfg.data.synth)
-    return run_stage(_stage_dir(cfg, "synth"), "synth", section, {},
-                     lambda out: synthesize(cfg.data.synth, out), force)
+    return run_declared("synth", cfg.stage_dir("synth"), cfg.data.synth, {},
+                        lambda run: synthesize(cfg.data.synth, run.out), force)
 
 
 def _raw_source(cfg: Config) -> tuple[Path, dict]:
@@ -39,7 +54,7 @@ def _raw_source(cfg: Config) -> tuple[Path, dict]:
 
     fmt, src = cfg.data.format, cfg.data.source
     if fmt == "synth":
-        return _stage_dir(cfg, "synth"), {"synth": _upstream(cfg, "synth")}
+        return cfg.stage_dir("synth"), {"synth": Upstream("synth", cfg.stage_dir("synth"))}
     if fmt == "canonical":
         from shards.canonical import interactions_path
 
@@ -47,7 +62,7 @@ def _raw_source(cfg: Config) -> tuple[Path, dict]:
             raise ValueError("data.format=canonical needs data.source (a folder with items.jsonl and "
                              "interactions.csv or interactions.parquet)")
         return Path(src), {"source": hash_files([Path(src) / "items.jsonl", interactions_path(src)])}
-    raw = _stage_dir(cfg, "raw")
+    raw = Path(cfg.run_dir) / "raw"
     if raw.exists():
         shutil.rmtree(raw)
     if fmt == "ninerec":
@@ -61,107 +76,77 @@ def _raw_source(cfg: Config) -> tuple[Path, dict]:
     return raw, {"raw": hash_files([raw / "items.jsonl", raw / "interactions.csv"])}
 
 
-def prepare(cfg: Config, force: bool = False) -> dict:
+def _prepare(cfg: Config, force: bool) -> dict:
     from shards.prepare import prepare_dir, prepare_ray, stats_table
 
     source, inputs = _raw_source(cfg)
     section = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("synth", "ray_address")}
 
-    def body(out: Path) -> dict:
+    def body(run) -> dict:
         if cfg.data.ray_address:
-            return prepare_ray(source, out, cfg.data.kcore, cfg.data.validate_images, cfg.data.ray_address)
-        return prepare_dir(source, out, cfg.data.kcore, cfg.data.validate_images)
+            return prepare_ray(source, run.out, cfg.data.kcore, cfg.data.validate_images, cfg.data.ray_address)
+        return prepare_dir(source, run.out, cfg.data.kcore, cfg.data.validate_images)
 
-    manifest = run_stage(_stage_dir(cfg, "prepare"), "prepare", section, inputs, body, force)
-    print(f"\nDataset statistics ({cfg.run_dir}/prepare/stats.json; % of each section's total)\n"
+    manifest = run_declared("prepare", cfg.stage_dir("prepare"), section, inputs, body, force)
+    print(f"\nDataset statistics ({cfg.stage_dir('prepare')}/stats.json; % of each section's total)\n"
           + stats_table(manifest["metrics"]))
     return manifest
 
 
-def shard(cfg: Config, force: bool = False) -> dict:
+def prepare(cfg: Config, force: bool = False) -> dict:
+    return run(cfg, "prepare", force)
+
+
+def _shard(cfg: Config, force: bool) -> dict:
     from shards.prepared import PreparedDataset
     from shards.writer import write_shards
 
-    inputs = {"prepare": _upstream(cfg, "prepare")}
-    return run_stage(_stage_dir(cfg, "shards"), "shard", dataclasses.asdict(cfg.shard), inputs,
-                     lambda out: write_shards(PreparedDataset.load(_stage_dir(cfg, "prepare")), out, cfg.shard),
-                     force)
+    prepared = cfg.stage_dir("prepare")
+    return run_declared("shard", cfg.stage_dir("shard"), cfg.shard, {"prepare": Upstream("prepare", prepared)},
+                        lambda run: write_shards(PreparedDataset.load(prepared), run.out, cfg.shard), force)
 
 
-def label(cfg: Config, force: bool = False) -> dict:
-    from llm_labeling.run import label as run_label
+def _label(cfg: Config, force: bool) -> dict:
+    from llm_labeling.run import label
 
-    inputs = {"prepare": _upstream(cfg, "prepare")}
-    return run_stage(_stage_dir(cfg, "label"), "label", dataclasses.asdict(cfg.label) | {"seed": cfg.seed}, inputs,
-                     lambda out: run_label(cfg.label, _stage_dir(cfg, "prepare"), out, seed=cfg.seed, force=force),
-                     force)
-
-
-def sft(cfg: Config, force: bool = False) -> dict:
-    from sicsrec.sft import sft as run_sft
-
-    run = Path(cfg.run_dir)
-    return run_sft(cfg.sft, run / "prepare", run / "shards", run / "label", run / "sft", cfg.seed, force)
+    prepared = cfg.stage_dir("prepare")
+    return run_declared("label", cfg.stage_dir("label"), cfg.label, {"prepare": Upstream("prepare", prepared)},
+                        lambda run: label(cfg.label, prepared, run.out, seed=cfg.seed, force=force), force, cfg.seed)
 
 
-def encode(cfg: Config, force: bool = False) -> dict:
-    from sicsrec.encode import encode as run_encode
-
-    run = Path(cfg.run_dir)
-    return run_encode(cfg.encode, run / "prepare", run / "shards", run / "sft", run / "embeddings", force,
-                      encoders=cfg.sft.encoders, seed=cfg.seed)
-
-
-def train_id(cfg: Config, force: bool = False) -> dict:
-    from sicsrec.train import train_id as run_train_id
-
-    _upstream(cfg, "prepare")
-    return run_train_id(cfg.train_id, _stage_dir(cfg, "prepare"), _stage_dir(cfg, "train_id"), cfg.seed, force)
-
-
-def train_sicsrec(cfg: Config, force: bool = False) -> dict:
-    from sicsrec.train_sicsrec import train_sicsrec as run_train_sicsrec
-
-    return run_train_sicsrec(cfg, force)
-
-
-def train_content(cfg: Config, force: bool = False) -> dict:
-    from sicsrec.train_content import train_content as run_train_content
-
-    return run_train_content(cfg, "content", force)
-
-
-def train_hybrid(cfg: Config, force: bool = False) -> dict:
-    from sicsrec.train_content import train_content as run_train_content
-
-    return run_train_content(cfg, "hybrid", force)
-
-
-def train_tssr(cfg: Config, force: bool = False) -> dict:
-    from sicsrec.train_tssr import train_tssr as run_train_tssr
-
-    return run_train_tssr(cfg, force)
-
-
-STAGES: dict[str, tuple[Callable[[Config, bool], dict], str]] = {
-    "synth": (synth, "write the embedded default dataset (canonical format) into <run_dir>/synth"),
-    "prepare": (prepare, "validate, k-core filter, time-sort, dense ids, leave-one-out split -> <run_dir>/prepare"),
-    "shard": (shard, "write WebDataset item and train-sequence shards -> <run_dir>/shards"),
-    "label": (label, "LLM picks each user's most similar earlier item (Ray fan-out) -> <run_dir>/label/pairs-*.jsonl"),
-    "sft": (sft, "SICSRec 3.3.2: fine-tune text + image encoders on labelled pairs (t2t, i2i, t2i InfoNCE, "
-                 "DeepSpeed ZeRO) -> <run_dir>/sft"),
-    "encode": (encode, "embed every item with the tuned encoders -> <run_dir>/embeddings/{text,image,has_image}.npy"),
-    "train-id": (train_id, "SICSRec step 1: SASRec/GRU4Rec ID encoder, full-softmax CE, early stopping "
-                           "-> <run_dir>/train_id"),
-    "train-sicsrec": (train_sicsrec, "SICSRec step 2: step-1 encoder layers frozen + LoRA (item embeddings keep "
-                                     "training: Table 9 fixed_id_enc), content encoder, mix decoder, CE + alpha ConCL "
-                                     "-> <run_dir>/sicsrec"),
-    "train-content": (train_content, "baseline SASRec-Content: cached content embeddings as the only input "
-                                     "-> <run_dir>/sasrec_content"),
-    "train-hybrid": (train_hybrid, "baseline SASRec-Hybrid: ID + content embeddings at the input "
-                                   "-> <run_dir>/sasrec_hybrid"),
-    "train-tssr": (train_tssr, "TSSR: two-stream ID + content model, encoders in the loop (or cached), "
-                               "L_u + L_i + CE, DeepSpeed ZeRO -> <run_dir>/tssr"),
+STAGES: dict[str, Stage] = {
+    "synth": Stage("synth", "write the embedded default dataset (canonical format) into <run_dir>/synth", _synth),
+    "prepare": Stage("prepare", "validate, k-core filter, time-sort, dense ids, leave-one-out split "
+                                "-> <run_dir>/prepare", _prepare),
+    "shard": Stage("shards", "write WebDataset item and train-sequence shards -> <run_dir>/shards", _shard),
+    "label": Stage("label", "LLM picks each user's most similar earlier item (Ray fan-out) "
+                            "-> <run_dir>/label/pairs-*.jsonl", _label),
+    "sft": Stage("sft", "SICSRec 3.3.2: fine-tune text + image encoders on labelled pairs (t2t, i2i, t2i InfoNCE, "
+                        "DeepSpeed ZeRO) -> <run_dir>/sft",
+                 lambda c, force: _call("sicsrec.sft:sft", c.sft, c.stage_dir("prepare"), c.stage_dir("shard"),
+                                        c.stage_dir("label"), c.stage_dir("sft"), c.seed, force)),
+    "encode": Stage("embeddings", "embed every item with the tuned encoders "
+                                  "-> <run_dir>/embeddings/{text,image,has_image}.npy",
+                    lambda c, force: _call("sicsrec.encode:encode", c.encode, c.stage_dir("prepare"),
+                                           c.stage_dir("shard"), c.stage_dir("sft"), c.stage_dir("encode"), force,
+                                           c.sft.encoders, c.seed)),
+    "train-id": Stage("train_id", "SICSRec step 1: SASRec/GRU4Rec ID encoder, full-softmax CE, early stopping "
+                                  "-> <run_dir>/train_id",
+                      lambda c, force: _call("sicsrec.train:train_id", c.train_id, c.stage_dir("prepare"),
+                                             c.stage_dir("train-id"), c.seed, force)),
+    "train-sicsrec": Stage("sicsrec", "SICSRec step 2: step-1 encoder layers frozen + LoRA (item embeddings keep "
+                                      "training: Table 9 fixed_id_enc), content encoder, mix decoder, CE + alpha "
+                                      "ConCL -> <run_dir>/sicsrec",
+                           lambda c, force: _call("sicsrec.train_sicsrec:train_sicsrec", c, force)),
+    "train-content": Stage("sasrec_content", "baseline SASRec-Content: cached content embeddings as the only input "
+                                             "-> <run_dir>/sasrec_content",
+                           lambda c, force: _call("sicsrec.train_content:train_content", c, "content", force)),
+    "train-hybrid": Stage("sasrec_hybrid", "baseline SASRec-Hybrid: ID + content embeddings at the input "
+                                           "-> <run_dir>/sasrec_hybrid",
+                          lambda c, force: _call("sicsrec.train_content:train_content", c, "hybrid", force)),
+    "train-tssr": Stage("tssr", "TSSR: two-stream ID + content model, encoders in the loop (or cached), "
+                                "L_u + L_i + CE, DeepSpeed ZeRO -> <run_dir>/tssr",
+                        lambda c, force: _call("sicsrec.train_tssr:train_tssr", c, force)),
 }
 RESULT_STAGES = {"train-id": "SASRec (step 1)", "train-content": "SASRec-Content", "train-hybrid": "SASRec-Hybrid",
                  "train-sicsrec": "SICSRec", "train-tssr": "TSSR"}
@@ -186,7 +171,7 @@ def run_pipeline(cfg: Config, force: bool = False) -> dict:
     for name in cfg.pipeline:
         if name == "synth" and cfg.data.format != "synth":
             continue
-        manifests[name] = STAGES[name][0](cfg, force)
+        manifests[name] = run(cfg, name, force)
     table = results_table(manifests)
     if table:
         print("\n" + table)

@@ -43,18 +43,17 @@ ROW_FILE = "row.json"
 @dataclass(frozen=True)
 class SweepStage:
     name: str  # the launcher stage
-    out: str  # the folder it writes in a run directory
-    upstream: tuple[str, ...]  # stage folders it reads, linked from the main run directory
+    upstream: tuple[str, ...]  # the stages it reads: their folders are linked from the main run directory
     samples_metric: str  # its training throughput metric (samples per second)
     quality: tuple[tuple[str, str], ...]  # (table column, metric key) of its end result
 
 
 TEST_QUALITY = (("test NDCG@10", "ndcg@10"), ("test Hit@10", "hit@10"))
 SWEEP_STAGES = {
-    "train-id": SweepStage("train-id", "train_id", ("prepare",), "sequences_per_s", TEST_QUALITY),
-    "train-sicsrec": SweepStage("train-sicsrec", "sicsrec", ("prepare", "train_id", "embeddings"), "sequences_per_s",
+    "train-id": SweepStage("train-id", ("prepare",), "sequences_per_s", TEST_QUALITY),
+    "train-sicsrec": SweepStage("train-sicsrec", ("prepare", "train-id", "encode"), "sequences_per_s",
                                 TEST_QUALITY),
-    "sft": SweepStage("sft", "sft", ("prepare", "shards", "label"), "pairs_per_s",
+    "sft": SweepStage("sft", ("prepare", "shard", "label"), "pairs_per_s",
                       (("pair R@10", "pair_recall@10"), ("t2i R@10", "t2i_recall@10"))),
 }
 
@@ -123,8 +122,9 @@ def run_name(batch: int, rule: str) -> str:
     return f"b{batch}-{rule}"
 
 
-def link_upstream(run_dir: Path, sub: Path, folders: tuple[str, ...]) -> None:
-    """Symlink run_dir's upstream stage folders into the sub run directory (relative links)."""
+def link_upstream(cfg: Config, sub: Path, stages: tuple[str, ...]) -> None:
+    """Symlink the stages' folders of cfg's run directory into the sub run directory (relative links)."""
+    run_dir, folders = Path(cfg.run_dir), [cfg.stage_dir(s).name for s in stages]
     missing = [f for f in folders if read_manifest(run_dir / f) is None]
     if missing:
         raise FileNotFoundError(f"{run_dir} has no finished {missing} stage(s) (no manifest.json): run them first, "
@@ -202,7 +202,7 @@ def run_one(cfg: Config, stage: str, batch: int, rule: str, base_batch: int | No
     """Run (or skip, or resume) the stage at one global batch size; returns its row on rank 0."""
     import torch
 
-    from launcher.stages import STAGES
+    from launcher.stages import run
     from sicsrec.representation import stage_representation
 
     spec = _stage_spec(stage)
@@ -213,16 +213,16 @@ def run_one(cfg: Config, stage: str, batch: int, rule: str, base_batch: int | No
     lr = scaled_lr(base_lr, base_batch, batch, rule)
     sub = sweep_dir(cfg, stage) / run_name(batch, rule)
     if env.is_main:
-        link_upstream(Path(cfg.run_dir), sub, spec.upstream)
+        link_upstream(cfg, sub, spec.upstream)
     distenv.barrier()
     sub_cfg = with_batch(cfg, stage, batch, lr, env.world_size, sub)
     old_row = json.loads((sub / ROW_FILE).read_text()) if (sub / ROW_FILE).exists() else None
     log.info("sweep %s: global batch %d, lr %.3g (%s rule from %.3g at batch %d), world size %d -> %s",
              stage, batch, lr, rule, base_lr, base_batch, env.world_size, sub)
-    before = read_manifest(sub / spec.out)
+    before = read_manifest(sub_cfg.stage_dir(stage))
     start = time.time()
     with PeakMemory(distenv.device(env)) as memory:
-        manifest = STAGES[stage][0](sub_cfg, force)
+        manifest = run(sub_cfg, stage, force)
     ran = manifest != before
     peak_mb = memory.megabytes()
     if not ran and old_row and old_row["fingerprint"] == manifest["fingerprint"]:

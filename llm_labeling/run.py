@@ -25,7 +25,7 @@ from llm_labeling.config import LabelConfig
 from llm_labeling.parse import OUTCOMES, parse_answer
 from llm_labeling.prompt import Prompt, build_prompts, clean_title
 from shards.prepared import PreparedDataset
-from sicsrec.runtime.rundir import hash_files
+from sicsrec.runtime.rundir import Upstream, hash_files
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,12 @@ _NOT_IN_FINGERPRINT = {"num_actors", "ray_address", "max_restarts", "tensor_para
 
 def shard_path(out_dir: Path, shard: int) -> Path:
     return Path(out_dir) / f"pairs-{shard:05d}.jsonl"
+
+
+def labels_input(out_dir: Path) -> Upstream:
+    """The `label` stage as another stage's input: identified by its pairs' content (an LLM need
+    not answer alike twice, so a re-label is a new input even under the same config)."""
+    return Upstream("label", Path(out_dir), (SHARD_GLOB,), by_content=True)
 
 
 def label_prompts(engine, prompts: list[Prompt], batch_size: int, seed: int) -> tuple[list[dict], int]:

@@ -39,6 +39,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from sicsrec.runtime.rundir import Upstream
+
 log = logging.getLogger(__name__)
 
 
@@ -328,6 +330,12 @@ class UserSequences(Sequence):
 
 
 # ---------------------------------------------------------------------------------------------
+
+def prepared_input(folder: str | Path) -> Upstream:
+    """The `prepare` stage as another stage's input (a folder made outside the launcher is
+    identified by its two JSONL files)."""
+    return Upstream("prepare", Path(folder), ("items.jsonl", "sequences.jsonl"))
+
 
 class PreparedDataset:
     """Items and leave-one-out sequences with dense ids; index 0 of `items` is padding. `users`

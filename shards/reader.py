@@ -25,8 +25,14 @@ import webdataset as wds
 from PIL import Image
 
 from shards.images import decode_rgb
+from sicsrec.runtime.rundir import Upstream
 
 log = logging.getLogger(__name__)
+
+
+def shards_input(shard_dir: str | Path) -> Upstream:
+    """The `shard` stage as another stage's input (made outside the launcher: its index.json)."""
+    return Upstream("shard", Path(shard_dir), ("index.json",))
 
 
 def load_index(shard_dir: str | Path) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 
@@ -184,12 +185,14 @@ class TSSRConfig:
 
 class RunConfig(Protocol):
     """What the stage-level trainers in sicsrec/ (train_sicsrec, train_content, train_tssr) read
-    from the run's config tree: the run directory, the seed and this module's sections.
+    from the run's config tree: the seed, this module's sections and the stages' folders.
     launcher.config.Config satisfies it structurally (tests/test_layers.py checks that), so
     sicsrec/ never imports the launcher that sits above it."""
-    run_dir: str
     seed: int
     train_id: TrainConfig
     sft: SFTConfig
     sicsrec: SICSRecConfig
     tssr: TSSRConfig
+
+    def stage_dir(self, stage: str) -> Path:
+        """Where `stage` (a CLI name, e.g. "encode") writes in the run directory."""

@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from shards.prepared import PreparedDataset
-from shards.reader import stream
+from shards.prepared import PreparedDataset, prepared_input
+from shards.reader import shards_input, stream
 from sicsrec.config import EncodeConfig, EncoderConfig
 from sicsrec.encoders import ContentEncoder, build_content_encoder
 from sicsrec.engine import resolve_precision
 from sicsrec.runtime import dist as distenv
-from sicsrec.runtime.rundir import read_manifest, run_stage, stage_fingerprint
+from sicsrec.runtime.rundir import StageRun, Upstream, read_manifest, run_declared
 
 log = logging.getLogger(__name__)
 
@@ -131,21 +131,19 @@ def encode(cfg: EncodeConfig, prepared_dir: str | Path, shard_dir: str | Path, s
            out_dir: str | Path, force: bool = False, encoders: EncoderConfig | None = None, seed: int = 0) -> dict:
     """Stage `encode` (see module docstring). `encoders` and `seed` build the untuned encoders when
     SFT is skipped (pass the `sft.encoders` section and the run seed). Returns the manifest."""
-    env = distenv.init(distenv.detect())
-    prepared_dir, shard_dir, out_dir = Path(prepared_dir), Path(shard_dir), Path(out_dir)
     sft_dir = Path(sft_dir) if sft_dir else None
-    distenv.barrier()  # rank 0 may still be writing the previous stage's manifest
-    tuned_dir = from_main(_tuned_encoder_dir(cfg, sft_dir) if env.is_main else None)
+    # rank 0 decides (it wrote the sft manifest); init first so that from_main can broadcast
+    tuned_dir = from_main(_tuned_encoder_dir(cfg, sft_dir) if distenv.init(distenv.detect()).is_main else None)
     if tuned_dir is None and encoders is None:
         raise ValueError("encode without a tuned encoder needs `encoders` (pass the sft.encoders section)")
     section = dict(dataclasses.asdict(cfg), encoder_source="sft" if tuned_dir else "untuned")
     if tuned_dir is None:
-        section.update(encoders=dataclasses.asdict(encoders), seed=seed)
-    inputs = {"prepare": stage_fingerprint(prepared_dir, ["items.jsonl", "sequences.jsonl"]),
-              "shards": stage_fingerprint(shard_dir, ["index.json"]),
-              "encoder": read_manifest(sft_dir)["fingerprint"] if tuned_dir else "untuned"}
+        section.update(encoders=dataclasses.asdict(encoders))
+    inputs = {"prepare": prepared_input(prepared_dir), "shards": shards_input(shard_dir),
+              "encoder": Upstream("sft", sft_dir) if tuned_dir else "untuned"}
 
-    def body(out: Path) -> dict:
+    def body(run: StageRun) -> dict:
+        env, out = run.env, run.out
         dataset = PreparedDataset.load(prepared_dir)
         model = ContentEncoder.load(tuned_dir) if tuned_dir else initial_encoder(encoders, dataset, seed)
         device = distenv.device(env)
@@ -173,7 +171,7 @@ def encode(cfg: EncodeConfig, prepared_dir: str | Path, shard_dir: str | Path, s
                 "image_dim": None if mine.image is None else int(mine.image.shape[1]),
                 "items_with_image": int(cache.has_image.sum()) if env.is_main else None}
 
-    return run_stage(out_dir, "encode", section, inputs, body, force, env.is_main)
+    return run_declared("encode", out_dir, section, inputs, body, force, None if tuned_dir else seed)
 
 
 def _write_cache(out: Path, cache: ItemEmbeddings, model: ContentEncoder, tuned_dir: Path | None) -> None:

@@ -160,3 +160,10 @@ class TrainLoop:
             if tb:
                 tb.close()
         return self.final_metrics()
+
+
+def fit_summary(trainer, force: bool, stop_after_epoch: int | None) -> dict:
+    """Resume (or restart with force) and fit; the metrics without the per-epoch history."""
+    trainer.resume(restart=force)
+    metrics = trainer.fit(stop_after_epoch)
+    return {k: v for k, v in metrics.items() if k != "history"}

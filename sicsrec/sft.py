@@ -23,7 +23,6 @@ number of candidates scoring strictly higher, so ties count in the query's favou
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import random
@@ -34,19 +33,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from llm_labeling.run import SHARD_GLOB, read_pairs
+from llm_labeling.run import labels_input, read_pairs
 from shards.collate import PairCollate
 from shards.pairs import write_pair_shards
-from shards.prepared import PreparedDataset
-from shards.reader import EqualBatches, StreamedEpoch, load_index, stream
+from shards.prepared import PreparedDataset, prepared_input
+from shards.reader import EqualBatches, StreamedEpoch, load_index, shards_input, stream
 from sicsrec.config import SFTConfig
 from sicsrec.encode import ItemEmbeddings, embed_items, from_main, initial_encoder
 from sicsrec.engine import Engine, RunCheckpoint, build_engine
-from sicsrec.loop import TrainLoop
+from sicsrec.loop import TrainLoop, fit_summary
 from sicsrec.losses import sft_loss
 from sicsrec.preemption import ignore_preemption_signals
 from sicsrec.runtime import dist as distenv
-from sicsrec.runtime.rundir import fingerprint, hash_files, run_stage, stage_fingerprint, write_json
+from sicsrec.runtime.rundir import StageRun, run_declared, write_json
 
 log = logging.getLogger(__name__)
 RECALL_AT = 10
@@ -226,28 +225,19 @@ def sft(cfg: SFTConfig, prepared_dir: str | Path, shard_dir: str | Path, label_d
     SLURM). Returns the manifest (metrics under "metrics"). A finished matching run is skipped
     unless force; a run with a checkpoint but no manifest resumes. `stop_after_epoch` simulates a
     kill (tests)."""
-    env = distenv.init(distenv.detect())
-    prepared_dir, shard_dir, label_dir, out_dir = map(Path, (prepared_dir, shard_dir, label_dir, out_dir))
-    distenv.barrier()  # rank 0 may still be writing the previous stage's manifest
-    section = dict(dataclasses.asdict(cfg), seed=seed)
-    label_files = sorted(label_dir.glob(SHARD_GLOB))
-    inputs = {"prepare": stage_fingerprint(prepared_dir, ["items.jsonl", "sequences.jsonl"]),
-              "shards": stage_fingerprint(shard_dir, ["index.json"]),
-              "label": hash_files(label_files) if label_files else "none"}
-    run_id = fingerprint(dict(section, world_size=env.world_size), inputs)
+    inputs = {"prepare": prepared_input(prepared_dir), "shards": shards_input(shard_dir),
+              "label": labels_input(label_dir)}
 
-    def body(out: Path) -> dict:
+    def body(run: StageRun) -> dict:
         dataset = PreparedDataset.load(prepared_dir)
         train_pairs, held_out = split_holdout(read_pairs(label_dir), cfg.holdout_fraction, seed)
-        if env.is_main:  # enough shards that every rank x worker gets one
-            readers = env.world_size * max(1, cfg.num_workers)
+        if run.env.is_main:  # enough shards that every rank x worker gets one
+            readers = run.env.world_size * max(1, cfg.num_workers)
             per_shard = max(1, min(cfg.pairs_per_shard, len(train_pairs) // readers))
-            write_pair_shards(train_pairs, shard_dir, out / "pairs", per_shard)
-            (out / "held_out_pairs.json").write_text(json.dumps(held_out) + "\n")
+            write_pair_shards(train_pairs, shard_dir, run.out / "pairs", per_shard)
+            (run.out / "held_out_pairs.json").write_text(json.dumps(held_out) + "\n")
         distenv.barrier()
-        trainer = SFTTrainer(cfg, dataset, shard_dir, held_out, out, seed, env, run_id)
-        trainer.resume(restart=force)
-        metrics = trainer.fit(stop_after_epoch)
-        return {k: v for k, v in metrics.items() if k != "history"}
+        trainer = SFTTrainer(cfg, dataset, shard_dir, held_out, run.out, seed, run.env, run.run_id)
+        return fit_summary(trainer, force, stop_after_epoch)
 
-    return run_stage(out_dir, "sft", section, inputs, body, force, env.is_main)
+    return run_declared("sft", out_dir, cfg, inputs, body, force, seed, per_world_size=True)

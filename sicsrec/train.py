@@ -18,7 +18,6 @@ checkpoint/, train_log.jsonl (loss per step, written as it goes), tensorboard/, 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -28,19 +27,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shards.prepared import PreparedDataset
+from shards.prepared import PreparedDataset, prepared_input
 from sicsrec.config import TrainConfig
 from shards.windows import collate, epoch_batches, rank_slice, train_windows
 from sicsrec.engine import RunCheckpoint, build_engine
 from sicsrec.evaluate import evaluate
-from sicsrec.loop import LazyBatches, TrainingInterrupted, TrainLoop  # noqa: F401 (TrainingInterrupted: re-exported)
+from sicsrec.loop import LazyBatches, TrainingInterrupted, TrainLoop, fit_summary  # noqa: F401 (TrainingInterrupted: re-exported)
 from sicsrec.models.gru4rec import GRU4Rec
 from sicsrec.models.sasrec import SASRec, SequentialRecommender
 from sicsrec.next_item import NextItemCriterion
 from sicsrec.optim import build_optimizer
 from sicsrec.preemption import exit_for_requeue
 from sicsrec.runtime import dist as distenv
-from sicsrec.runtime.rundir import fingerprint, read_manifest, run_stage, stage_fingerprint, write_json
+from sicsrec.runtime.rundir import StageRun, read_manifest, run_declared, write_json
 
 log = logging.getLogger(__name__)
 SELECT_METRIC = "ndcg@10"
@@ -305,17 +304,8 @@ def train_id(cfg: TrainConfig, prepared_dir: str | Path, out_dir: str | Path, se
     (metrics under "metrics"). A run with an existing matching manifest is skipped unless force;
     a run with a checkpoint but no manifest resumes. `stop_after_epoch` simulates a kill (tests).
     """
-    env = distenv.init(distenv.detect())
-    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
-    dataset = PreparedDataset.load(prepared_dir)
-    section = dict(dataclasses.asdict(cfg), seed=seed)
-    inputs = {"prepare": stage_fingerprint(prepared_dir, ["items.jsonl", "sequences.jsonl"])}
-    run_id = fingerprint(section, inputs)
+    def body(run: StageRun) -> dict:
+        trainer = Trainer(cfg, PreparedDataset.load(prepared_dir), run.out, seed, run.env, run.run_id)
+        return fit_summary(trainer, force, stop_after_epoch)
 
-    def body(out: Path) -> dict:
-        trainer = Trainer(cfg, dataset, out, seed, env, run_id)
-        trainer.resume(restart=force)
-        metrics = trainer.fit(stop_after_epoch)
-        return {k: v for k, v in metrics.items() if k != "history"}
-
-    return run_stage(out_dir, "train_id", section, inputs, body, force, env.is_main)
+    return run_declared("train-id", out_dir, cfg, {"prepare": prepared_input(prepared_dir)}, body, force, seed)

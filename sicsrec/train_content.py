@@ -9,13 +9,12 @@ Reads <run_dir>/{prepare, embeddings}; writes <run_dir>/sasrec_content or <run_d
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-from shards.prepared import PreparedDataset
+from shards.prepared import PreparedDataset, prepared_input
 from sicsrec.config import RunConfig
+from sicsrec.loop import fit_summary
 from sicsrec.models.content_sasrec import VARIANTS, ContentSASRec
-from sicsrec.runtime import dist as distenv
-from sicsrec.runtime.rundir import fingerprint, read_manifest, run_stage
+from sicsrec.runtime.rundir import StageRun, Upstream, run_declared
 from sicsrec.train import NextItemLoss, Trainer
 from sicsrec.train_sicsrec import load_embedding_cache
 
@@ -40,28 +39,18 @@ def train_content(cfg: RunConfig, variant: str = "content", force: bool = False,
     """SASRec-Content (variant "content") or SASRec-Hybrid ("hybrid") -> <run_dir>/sasrec_<variant>."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    env = distenv.init(distenv.detect())
-    run = Path(cfg.run_dir)
-    inputs = {}
-    for stage in ("prepare", "embeddings"):
-        manifest = read_manifest(run / stage)
-        if manifest is None:
-            raise FileNotFoundError(f"stage '{stage}' has not run in {run}: run it before train-content")
-        inputs[stage] = manifest["fingerprint"]
-    tables = load_embedding_cache(run / "embeddings")
+    d = cfg.stage_dir
+    inputs = {"prepare": prepared_input(d("prepare")), "embeddings": Upstream("encode", d("encode"))}
+    tables = load_embedding_cache(d("encode"))
     tables = {k: v for k, v in tables.items() if (k != "text" or use_text) and (k != "image" or use_image)}
     if "text" not in tables and "image" not in tables:
         raise ValueError("train-content needs text or image embeddings (use_text / use_image)")
-    dataset = PreparedDataset.load(run / "prepare")
-    section = dict(dataclasses.asdict(cfg.train_id), seed=cfg.seed, variant=variant,
+    section = dict(dataclasses.asdict(cfg.train_id), variant=variant,
                    content=sorted(k for k in tables if k != "has_image"))
-    run_id = fingerprint(section, inputs)
 
-    def body(out: Path) -> dict:
-        trainer = ContentTrainer(variant, tables, cfg.train_id, dataset, out, cfg.seed, env, run_id)
-        trainer.resume(restart=force)
-        metrics = trainer.fit(stop_after_epoch)
-        metrics["model"] = f"sasrec_{variant}"
-        return {k: v for k, v in metrics.items() if k != "history"}
+    def body(stage: StageRun) -> dict:
+        dataset = PreparedDataset.load(d("prepare"))
+        trainer = ContentTrainer(variant, tables, cfg.train_id, dataset, stage.out, cfg.seed, stage.env, stage.run_id)
+        return dict(fit_summary(trainer, force, stop_after_epoch), model=f"sasrec_{variant}")
 
-    return run_stage(run / f"sasrec_{variant}", f"train_sasrec_{variant}", section, inputs, body, force, env.is_main)
+    return run_declared(f"train-{variant}", d(f"train-{variant}"), section, inputs, body, force, cfg.seed)

@@ -45,7 +45,6 @@ alpha = 0), so DDP never meets a trainable parameter without a gradient.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +53,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from shards.prepared import PreparedDataset
+from shards.prepared import PreparedDataset, prepared_input
 from sicsrec.config import RunConfig, SICSRecConfig
 from sicsrec.losses import concl_loss
 from sicsrec.models.sicsrec import SICSRec, SICSRecVariant, freeze_with_lora
 from sicsrec.next_item import criterion_of
-from sicsrec.runtime import dist as distenv
-from sicsrec.runtime.rundir import fingerprint, read_manifest, run_stage
+from sicsrec.runtime.rundir import StageRun, Upstream, run_declared
 from sicsrec.train import Trainer, load_id_encoder
 
 
@@ -226,25 +224,17 @@ def load_embedding_cache(folder: Path) -> dict:
 
 def train_sicsrec(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None = None) -> dict:
     """Stage `train-sicsrec`: reads <run_dir>/{prepare, train_id, embeddings}, writes <run_dir>/sicsrec."""
-    env = distenv.init(distenv.detect())
-    run = Path(cfg.run_dir)
-    inputs = {}
-    for stage in ("prepare", "train_id", "embeddings"):
-        manifest = read_manifest(run / stage)
-        if manifest is None:
-            raise FileNotFoundError(f"stage '{stage}' has not run in {run}: run it before train-sicsrec")
-        inputs[stage] = manifest["fingerprint"]
-    dataset = PreparedDataset.load(run / "prepare")
-    section = dict(dataclasses.asdict(cfg.sicsrec), seed=cfg.seed)
-    run_id = fingerprint(section, inputs)
-
+    d = cfg.stage_dir
+    inputs = {"prepare": prepared_input(d("prepare")), "train_id": Upstream("train-id", d("train-id")),
+              "embeddings": Upstream("encode", d("encode"))}
     strategy = STRATEGIES[resolve_strategy(cfg.sicsrec.strategy)]
     if cfg.sicsrec.strategy in ALIASES:
         warnings.warn(f"sicsrec.strategy={cfg.sicsrec.strategy} is deprecated: it means "
                       f"{ALIASES[cfg.sicsrec.strategy]} (Table 9 names)", DeprecationWarning, stacklevel=2)
 
-    def body(out: Path) -> dict:
-        args = (load_id_encoder(run / "train_id"), load_embedding_cache(run / "embeddings"), dataset)
+    def body(stage: StageRun) -> dict:
+        out, env, run_id = stage.out, stage.env, stage.run_id
+        args = (load_id_encoder(d("train-id")), load_embedding_cache(d("encode")), PreparedDataset.load(d("prepare")))
         if not strategy.content_pretrain:
             metrics = _fit(SICSRecTrainer(cfg.sicsrec, *args, out, cfg.seed, env, run_id), force, stop_after_epoch)
             metrics["epochs_to_best"] = metrics["best_epoch"] + 1  # 0: the start (step 1) was kept
@@ -263,7 +253,7 @@ def train_sicsrec(cfg: RunConfig, force: bool = False, stop_after_epoch: int | N
                                      else first["epochs_run"] + metrics["best_epoch"] + 1)
         return metrics
 
-    return run_stage(run / "sicsrec", "train_sicsrec", section, inputs, body, force, env.is_main)
+    return run_declared("train-sicsrec", d("train-sicsrec"), cfg.sicsrec, inputs, body, force, cfg.seed)
 
 
 def _fit(trainer: SICSRecTrainer, force: bool, stop_after_epoch: int | None) -> dict:

@@ -43,8 +43,8 @@ from torch import nn
 from tqdm import tqdm
 
 from shards.collate import ItemInputs, ItemStore, SequenceCollate
-from shards.prepared import PreparedDataset
-from shards.reader import EqualBatches, StreamedEpoch
+from shards.prepared import PreparedDataset, prepared_input
+from shards.reader import EqualBatches, StreamedEpoch, shards_input
 from sicsrec.config import EncoderConfig, RunConfig, TSSRConfig
 from sicsrec.encode import from_main, initial_encoder
 from sicsrec.encoders import NO_IMAGE, ContentEncoder, ImageEncoder, TextEncoder, _set_grad_checkpointing
@@ -54,7 +54,7 @@ from sicsrec.models.tssr import TSSR
 from sicsrec.next_item import criterion_of
 from sicsrec.preemption import ignore_preemption_signals
 from sicsrec.runtime import dist as distenv
-from sicsrec.runtime.rundir import fingerprint, read_manifest, run_stage, stage_fingerprint, write_json
+from sicsrec.runtime.rundir import StageRun, Upstream, read_manifest, run_declared, write_json
 from sicsrec.train import Trainer
 from sicsrec.train_sicsrec import load_embedding_cache
 
@@ -371,43 +371,36 @@ def train_tssr(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None
     `stop_after_epoch` simulates a kill (tests). Returns the manifest (metrics under "metrics")."""
     c = cfg.tssr
     check_config(c, cfg.sft.encoders)
-    env = distenv.init(distenv.detect())
-    distenv.barrier()  # rank 0 may still be writing the previous stage's manifest
-    run = Path(cfg.run_dir)
-    for stage, files in (("prepare", ["items.jsonl", "sequences.jsonl"]), ("shards", ["index.json"])):
-        if not all((run / stage / f).exists() for f in files):
-            raise FileNotFoundError(f"{run / stage} is missing {files}: run `launcher {stage.rstrip('s')}` first")
-    inputs = {"prepare": stage_fingerprint(run / "prepare", ["items.jsonl", "sequences.jsonl"]),
-              "shards": stage_fingerprint(run / "shards", ["index.json"])}
-    section = dict(dataclasses.asdict(c), seed=cfg.seed)
+    d = cfg.stage_dir
+    inputs = {"prepare": prepared_input(d("prepare")), "shards": shards_input(d("shard"))}
+    section = dataclasses.asdict(c)
     tuned_dir = None
     if c.content == "end_to_end":
-        tuned_dir = from_main(_tuned_encoder_dir(run / "sft") if c.init_from_sft and env.is_main else None)
+        # rank 0 decides (it wrote the sft manifest); init first so that from_main can broadcast
+        is_main = distenv.init(distenv.detect()).is_main
+        tuned_dir = from_main(_tuned_encoder_dir(d("sft")) if c.init_from_sft and is_main else None)
         if tuned_dir is not None:
-            inputs["sft"] = read_manifest(run / "sft")["fingerprint"]
+            inputs["sft"] = Upstream("sft", d("sft"))
         else:
             if c.init_from_sft:
-                log.warning("train-tssr: no finished sft stage in %s; starting from UNTUNED encoders", run / "sft")
+                log.warning("train-tssr: no finished sft stage in %s; starting from UNTUNED encoders", d("sft"))
             section["encoders"] = dataclasses.asdict(cfg.sft.encoders)
         section["encoder_source"] = "sft" if tuned_dir else "untuned"
     else:
-        manifest = read_manifest(run / "embeddings")
-        if manifest is None:
-            raise FileNotFoundError(f"tssr.content=cache needs {run / 'embeddings'}: run `launcher encode` first")
-        inputs["embeddings"] = manifest["fingerprint"]
-    run_id = fingerprint(dict(section, world_size=env.world_size), inputs)
+        inputs["embeddings"] = Upstream("encode", d("encode"))
 
-    def body(out: Path) -> dict:
-        dataset = PreparedDataset.load(run / "prepare")
+    def body(stage: StageRun) -> dict:
+        env, out = stage.env, stage.out
+        dataset = PreparedDataset.load(d("prepare"))
         store = None
         if c.content == "end_to_end":
             source = ContentEncoder.load(tuned_dir) if tuned_dir else initial_encoder(cfg.sft.encoders, dataset,
                                                                                       cfg.seed)
             _set_grad_checkpointing(source, c.grad_checkpointing)
-            store = ItemStore.from_shards(run / "shards", dataset.num_items, progress=env.is_main)
+            store = ItemStore.from_shards(d("shard"), dataset.num_items, progress=env.is_main)
         else:
-            source = load_embedding_cache(run / "embeddings")
-        trainer = TSSRTrainer(c, source, store, run / "shards", dataset, out, cfg.seed, env, run_id)
+            source = load_embedding_cache(d("encode"))
+        trainer = TSSRTrainer(c, source, store, d("shard"), dataset, out, cfg.seed, env, stage.run_id)
         trainer.resume(restart=force)
         metrics = trainer.fit(stop_after_epoch)
         metrics.update(trainer.summary(), model="tssr", encoder_source=section.get("encoder_source", "cache"))
@@ -415,4 +408,4 @@ def train_tssr(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None
             write_json(out / "metrics.json", metrics)
         return {k: v for k, v in metrics.items() if k != "history"}
 
-    return run_stage(run / "tssr", "train_tssr", section, inputs, body, force, env.is_main)
+    return run_declared("train-tssr", d("train-tssr"), section, inputs, body, force, cfg.seed, per_world_size=True)

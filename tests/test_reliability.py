@@ -17,7 +17,7 @@ from launcher.stages import _upstream, prepare
 from sicsrec.config import TrainConfig
 from sicsrec.engine import CheckpointError, build_engine
 from sicsrec.runtime.dist import DistEnv
-from sicsrec.runtime.rundir import ManifestError, read_manifest, run_stage
+from sicsrec.runtime.rundir import ManifestError, Upstream, hash_files, read_manifest, run_stage
 from sicsrec.train import TrainingInterrupted, train_id
 from tests.test_train_id import TINY, make_dataset
 
@@ -75,6 +75,20 @@ def _canonical(root: Path, bad: bool = False) -> Path:
         rows.append("u1,i1,not-a-time")
     (root / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
     return root
+
+
+def test_an_upstream_is_its_manifest_else_its_files_else_an_error_naming_the_command(tmp_path):
+    stage = tmp_path / "prepare"
+    stage.mkdir()
+    prepared = Upstream("prepare", stage, ("items.jsonl",))
+    with pytest.raises(FileNotFoundError, match=r"stage 'prepare' has not run .*run `launcher prepare` first"):
+        prepared.fingerprint()
+    (stage / "items.jsonl").write_text("x\n")
+    assert prepared.fingerprint() == hash_files([stage / "items.jsonl"])  # a folder made outside the launcher
+    done = run_stage(stage, "prepare", {"a": 1}, {}, _write("v1"))
+    assert prepared.fingerprint() == done["fingerprint"]  # the manifest wins
+    assert Upstream("label", stage, ("*.txt",), by_content=True).fingerprint() == hash_files([stage / "result.txt"])
+    assert Upstream("label", tmp_path / "none", ("*.txt",), by_content=True).fingerprint() == "none"
 
 
 def test_failed_prepare_rerun_leaves_prepare_usable_downstream(tmp_path):

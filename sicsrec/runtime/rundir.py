@@ -11,6 +11,7 @@ A stage without a finished result runs in place.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -62,13 +63,6 @@ def write_json(path: Path, data) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def stage_fingerprint(stage_dir: Path, files: list[str]) -> str:
-    """An upstream stage's identity: its manifest's fingerprint, or (for a folder made outside
-    the launcher) a hash of the named files."""
-    manifest = read_manifest(stage_dir)
-    return manifest["fingerprint"] if manifest else hash_files([Path(stage_dir) / f for f in files])
 
 
 class ManifestError(ValueError):
@@ -171,3 +165,55 @@ def run_stage(stage_dir: str | Path, name: str, config_section, inputs: dict,
             _replace_dir(stage_dir, work)
     barrier()
     return manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class Upstream:
+    """A stage folder another stage reads. Its identity is its manifest's fingerprint; a folder
+    made outside the launcher (no manifest) is identified by a hash of `files` (names or globs)
+    when it holds them; a `by_content` one always by that hash ("none" when it holds none)."""
+    stage: str  # the stage that makes it (`launcher <stage>`)
+    dir: Path
+    files: tuple[str, ...] = ()
+    by_content: bool = False
+
+    def fingerprint(self) -> str:
+        manifest = None if self.by_content else read_manifest(self.dir)
+        if manifest:
+            return manifest["fingerprint"]
+        paths = [p for pattern in self.files for p in sorted(Path(self.dir).glob(pattern))]
+        if self.by_content:
+            return hash_files(paths) if paths else "none"
+        if not self.files or len(paths) < len(self.files):
+            raise FileNotFoundError(f"stage '{self.stage}' has not run in {Path(self.dir).parent} (no "
+                                    f"{Path(self.dir) / MANIFEST}): run `launcher {self.stage}` first, or "
+                                    f"`python -m launcher pipeline`")
+        return hash_files(paths)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    """What a stage body gets: its work folder, the distributed environment and its run id."""
+    out: Path
+    env: object
+    run_id: str
+
+
+def run_declared(name: str, out_dir: str | Path, section, inputs: dict, body: Callable[[StageRun], dict],
+                 force: bool = False, seed: int | None = None, per_world_size: bool = False) -> dict:
+    """The one way a stage runs. Initialises the distributed environment, waits for rank 0's
+    upstream manifests, fingerprints `inputs` (Upstream folders or fixed strings), adds `seed` to
+    the config section (a dataclass or a dict) when the stage uses one, derives the run id (per
+    world size when the stage's checkpoints depend on it) and hands `body` to run_stage (skipped
+    when the manifest matches, resumed, or redone with force)."""
+    from sicsrec.runtime import dist as distenv
+
+    env = distenv.init(distenv.detect())
+    distenv.barrier()  # rank 0 may still be writing the previous stage's manifest
+    section = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else dict(section)
+    if seed is not None:
+        section["seed"] = seed
+    inputs = {key: value if isinstance(value, str) else value.fingerprint() for key, value in inputs.items()}
+    run_id = fingerprint(dict(section, world_size=env.world_size) if per_world_size else section, inputs)
+    return run_stage(out_dir, name, section, inputs, lambda out: body(StageRun(out, env, run_id)), force,
+                     env.is_main)
