@@ -33,8 +33,8 @@ from shards.windows import collate, epoch_batches, rank_slice, train_windows
 from sicsrec.engine import RunCheckpoint, build_engine
 from sicsrec.evaluate import evaluate
 from sicsrec.loop import LazyBatches, TrainingInterrupted, TrainLoop, fit_summary  # noqa: F401 (TrainingInterrupted: re-exported)
-from sicsrec.models.gru4rec import GRU4Rec
-from sicsrec.models.sasrec import SASRec, SequentialRecommender
+from sicsrec.models import build_id_model
+from sicsrec.models.sasrec import SequentialRecommender
 from sicsrec.next_item import NextItemCriterion
 from sicsrec.optim import build_optimizer
 from sicsrec.preemption import exit_for_requeue
@@ -43,15 +43,6 @@ from sicsrec.runtime.rundir import StageRun, read_manifest, run_declared, write_
 
 log = logging.getLogger(__name__)
 SELECT_METRIC = "ndcg@10"
-
-
-def build_model(cfg: TrainConfig, num_items: int) -> SequentialRecommender:
-    if cfg.model == "sasrec":
-        return SASRec(num_items, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout, cfg.max_len, cfg.ffn_dim,
-                      cfg.activation)
-    if cfg.model == "gru4rec":
-        return GRU4Rec(num_items, cfg.hidden, cfg.layers, cfg.dropout, cfg.max_len)
-    raise ValueError(f"train_id.model must be sasrec or gru4rec, got {cfg.model!r}")
 
 
 class NextItemLoss(nn.Module):
@@ -111,7 +102,7 @@ class Trainer(TrainLoop):
         maps (inputs, targets) to (CE sum, number of targets) or (CE sum, number of targets,
         extra): `extra` is a per-rank mean term added to the loss (its gradient is averaged over
         ranks like the CE's). The loss module holds the recommender as `.recommender`."""
-        model = build_model(self.cfg, self.dataset.num_items)
+        model = build_id_model(self.cfg, self.dataset.num_items)
         return model, NextItemLoss(model)
 
     def evaluate(self, split: str, diagnostics: bool = False) -> dict:
@@ -291,7 +282,7 @@ def load_id_encoder(train_dir: str | Path) -> SequentialRecommender:
         raise FileNotFoundError(f"{train_dir} holds no finished train_id stage (manifest.json, best_model.pt)")
     cfg = TrainConfig(**{k: v for k, v in manifest["config"].items() if k != "seed"})
     state = torch.load(train_dir / "best_model.pt", map_location="cpu", weights_only=True)
-    model = build_model(cfg, state["item_emb.weight"].shape[0] - 1)
+    model = build_id_model(cfg, state["item_emb.weight"].shape[0] - 1)
     model.load_state_dict(state)
     return model.eval()
 

@@ -33,6 +33,11 @@ class GRU4Rec(SequentialRecommender):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
+    @classmethod
+    def from_config(cls, cfg, num_items: int) -> "GRU4Rec":
+        """From the step-1 config (`train_id`: hidden, layers, dropout, max_len)."""
+        return cls(num_items, cfg.hidden, cfg.layers, cfg.dropout, cfg.max_len)
+
     def use_sparse_item_grad(self) -> nn.Parameter:
         return self._sparse_item_emb()
 

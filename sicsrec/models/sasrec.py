@@ -193,6 +193,11 @@ class SASRec(PositionalTransformer):
         self.build_encoder(hidden, layers, heads, dropout, max_len, ffn_dim, activation)
         self.apply(_init_weights)
 
+    @classmethod
+    def from_config(cls, cfg, num_items: int) -> "SASRec":
+        """From the step-1 config (`train_id`: hidden, layers, heads, dropout, max_len, ffn_dim, activation)."""
+        return cls(num_items, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout, cfg.max_len, cfg.ffn_dim, cfg.activation)
+
     def input_embeddings(self, items: torch.Tensor) -> torch.Tensor:
         return self.item_emb(items)
 
