@@ -68,7 +68,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from recbole_compare import HPARAMS, compare_splits, numpy2_shims, recbole_config, recbole_data  # noqa: E402
-from scale import config, time_stage  # noqa: E402
+from scale import config, run_stages  # noqa: E402
 
 
 def rss_gb() -> float:
@@ -252,11 +252,8 @@ def size_row(users: int, args, probe: bool) -> list[dict]:
            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
     rows = [row]
     try:
-        for stage in ("synth", "prepare"):
-            row[stage] = time_stage([stage, "--config", str(cfg_path)], cfg_path.with_suffix(f".{stage}.log"), args.timeout)
-            print(f"  {users:,} users: {stage} {row[stage]}", flush=True)
-            if "failed" in row[stage]:
-                return rows
+        if not run_stages(row, ("synth", "prepare"), cfg_path, args.timeout, f"{users:,} users"):
+            return rows
         prepared = folder / "run" / "prepare"
         stats = json.loads((prepared / "stats.json").read_text())
         row["prepared"] = {k: stats[k] for k in ("users", "items", "interactions")}
@@ -270,13 +267,7 @@ def size_row(users: int, args, probe: bool) -> list[dict]:
         print(f"  {users:,} users: RecBole {short(row['recbole'])}", flush=True)
         if args.ours:
             row["loadavg_before_ours"] = [round(x, 2) for x in os.getloadavg()]
-            for stage in ("shard", "train-id"):
-                row[stage] = time_stage([stage, "--config", str(cfg_path)], cfg_path.with_suffix(f".{stage}.log"),
-                                        args.timeout)
-                print(f"  {users:,} users: {stage} {row[stage]}", flush=True)
-                if "failed" in row[stage]:
-                    break
-            else:
+            if run_stages(row, ("shard", "train-id"), cfg_path, args.timeout, f"{users:,} users"):
                 m = json.loads((folder / "run" / "train_id" / "metrics.json").read_text())
                 row["ours"] = {"epoch_s": round(m["seconds_per_epoch"], 1), "eval_s": round(m["eval_seconds_per_epoch"], 1),
                                "eval_users": m["test"]["users"], "peak_rss_gb": row["train-id"]["peak_rss_gb"],

@@ -79,6 +79,16 @@ def time_stage(cli_args: list[str], log_path: Path, timeout: int, threads: int =
     return row
 
 
+def run_stages(row: dict, stages, cfg_path: Path, timeout: int, label: str) -> bool:
+    """Time each CLI stage on `cfg_path` into row[stage], stopping at the first failure; True if all ran."""
+    for stage in stages:
+        row[stage] = time_stage([stage, "--config", str(cfg_path)], cfg_path.with_suffix(f".{stage}.log"), timeout)
+        print(f"  {label}: {stage} {row[stage]}", flush=True)
+        if "failed" in row[stage]:
+            return False
+    return True
+
+
 def pipeline_row(users: int, items: int, args) -> dict:
     import yaml
 
@@ -87,13 +97,7 @@ def pipeline_row(users: int, items: int, args) -> dict:
     cfg_path.write_text(yaml.safe_dump(config(folder / "run", users, items, args)))
     row = {"users": users, "items": items, "popularity_exponent": args.popularity_exponent, "argv": sys.argv[1:]}
     try:
-        for stage in STAGES:
-            row[stage] = time_stage([stage, "--config", str(cfg_path)], cfg_path.with_suffix(f".{stage}.log"),
-                                    args.timeout)
-            print(f"  {users:,} users: {stage} {row[stage]}", flush=True)
-            if "failed" in row[stage]:
-                break
-        else:
+        if run_stages(row, STAGES, cfg_path, args.timeout, f"{users:,} users"):
             stats = json.loads((folder / "run" / "prepare" / "stats.json").read_text())
             row["prepared"] = {k: stats[k] for k in ("users", "items", "interactions")}
             m = json.loads((folder / "run" / "train_id" / "metrics.json").read_text())

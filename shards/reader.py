@@ -245,4 +245,15 @@ class StreamedEpoch:
             batch = next(self._stream)
             self._next += 1
             if self._next > index:
+                if self._next == self.steps:
+                    self.close()  # the epoch is served: its workers go now, not whenever it is collected
                 return batch
+
+    def close(self) -> None:
+        """Shut the loader workers down. They ignore SIGTERM (preemption is the trainer's), so a
+        worker left running would block the interpreter's exit; the loop calls this however
+        the epoch ends (done, preempted, failed)."""
+        stream, self._stream = self._stream, None
+        shutdown = getattr(stream, "_shutdown_workers", None)  # a multi-worker DataLoader iterator
+        if shutdown is not None:
+            shutdown()

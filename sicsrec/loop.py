@@ -14,6 +14,7 @@ steps, accumulation boundaries, preemption, the per-step log, tensorboard, the e
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -68,6 +69,16 @@ class LazyBatches:
         return self.make(index)
 
 
+@contextlib.contextmanager
+def _closing(batches):
+    """Close streamed batches (their loader workers) however the epoch ends."""
+    try:
+        yield
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()
+
+
 class TrainLoop:
     """Set by the subclass: engine, env, out, epochs, checkpoint (a RunCheckpoint) and state
     (`initial_state(run_id)` plus its own keys)."""
@@ -102,7 +113,7 @@ class TrainLoop:
         self.engine.train()
         start = time.time()
         bar = tqdm(total=len(batches), initial=done, desc=f"{self.desc} {epoch}", disable=not env.is_main, leave=False)
-        with StepLog(self.out / "train_log.jsonl", env.is_main) as step_log:
+        with StepLog(self.out / "train_log.jsonl", env.is_main) as step_log, _closing(batches):
             for index in range(done, len(batches)):
                 logs, step_sums = self.train_step(batches[index])
                 self.state["step"] += 1
