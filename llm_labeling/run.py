@@ -95,7 +95,9 @@ def start_local_ray(num_cpus: int, **kwargs) -> None:
     names a provider, so Ray's processes are started with HOME pointing to a folder holding one
     (`provider: {type: local}`); the driver's HOME is restored after `ray.init`."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read by Ray's child processes
+    # process-wide on purpose: read by Ray's child processes and by any driver this process starts
+    # (a second `label` connecting with ray_address resolves 127.0.0.1 to the host IP without it)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     import ray._private.ray_constants as ray_constants
 
