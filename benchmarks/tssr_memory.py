@@ -51,11 +51,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported anywhere
 os.environ.setdefault("DS_BUILD_OPS", "0")
 
+from shards.collate import ItemInputs, ItemStore, SequenceCollate  # noqa: E402
 from sicsrec.config import EncoderConfig, TSSRConfig  # noqa: E402
 from sicsrec.encoders import _set_grad_checkpointing, build_content_encoder  # noqa: E402
 from sicsrec.engine import build_engine  # noqa: E402
 from sicsrec.runtime import dist as distenv  # noqa: E402
-from shards.collate import ItemInputs, ItemStore, SequenceCollate  # noqa: E402
 from sicsrec.train_tssr import (TSSRLoss, all_ranks, build_recommender, current_rss_mb,  # noqa: E402
                                 optimizer_state_mb, peak_memory_mb, reset_peak_memory)
 
@@ -168,9 +168,7 @@ def run_setting(args, env, encoders: EncoderConfig, store: ItemStore, stage: int
         batch = collate(users)  # decode + transform + tokenise: part of the step, as in train-tssr
         loss.feed(batch)
         ce_sum, count, extra = engine(batch["inputs"].to(device), batch["targets"].to(device))
-        totals = torch.stack([count.detach().float()])
-        if env.distributed:
-            torch.distributed.all_reduce(totals)
+        totals = distenv.all_sum(torch.stack([count.detach().float()]))
         engine.backward(ce_sum * env.world_size / totals[0] + extra)
         engine.step()
         if device.type == "cuda":

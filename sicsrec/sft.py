@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from llm_labeling.run import labels_input, read_pairs
@@ -94,13 +93,6 @@ def retrieval_recall(cache: ItemEmbeddings, held_out: list[tuple[int, int]], nor
     out[f"pair_recall@{k}"] = float((ranks < k).double().mean()) if len(ranks) else None
     out["pair_queries"] = len(ranks)
     return out
-
-
-def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values)
-        values = values / dist.get_world_size()
-    return values
 
 
 class SFTTrainer(TrainLoop):
@@ -170,8 +162,8 @@ class SFTTrainer(TrainLoop):
         engine.step()
         parts = [loss.total, loss.t2t, loss.i2i if loss.i2i is not None else loss.total * 0,
                  loss.t2i if loss.t2i is not None else loss.total * 0]
-        logged = dict(zip(("loss", "t2t", "i2i", "t2i"),
-                          _mean_over_ranks(torch.stack([p.detach().float() for p in parts])).tolist()))
+        means = distenv.all_sum(torch.stack([p.detach().float() for p in parts])) / self.env.world_size
+        logged = dict(zip(("loss", "t2t", "i2i", "t2i"), means.tolist()))
         return logged, logged | {"pairs": n * self.env.world_size}
 
     def epoch_summary(self, sums: dict, steps: int, seconds: float) -> dict:

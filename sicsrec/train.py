@@ -24,15 +24,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from shards.prepared import PreparedDataset, prepared_input
-from sicsrec.config import TrainConfig
 from shards.windows import collate, epoch_batches, rank_slice, train_windows
+from sicsrec.config import TrainConfig
 from sicsrec.engine import RunCheckpoint, build_engine
 from sicsrec.evaluate import evaluate
-from sicsrec.loop import LazyBatches, TrainingInterrupted, TrainLoop, fit_summary  # noqa: F401 (TrainingInterrupted: re-exported)
+from sicsrec.loop import LazyBatches, TrainingInterrupted, TrainLoop, fit_summary
 from sicsrec.models import build_id_model
 from sicsrec.models.sasrec import SequentialRecommender
 from sicsrec.next_item import NextItemCriterion
@@ -60,12 +59,6 @@ class NextItemLoss(nn.Module):
         hidden = self.recommender.hidden_states(inputs)
         ce_sum, count, _ = self.criterion(hidden, self.recommender.item_table(), targets)
         return ce_sum, count
-
-
-def _all_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values)
-    return values
 
 
 class Trainer(TrainLoop):
@@ -149,7 +142,7 @@ class Trainer(TrainLoop):
         inputs, targets = self.loss_inputs(batch)
         local_sum, local_count, *extra = engine(inputs.to(engine.device), targets.to(engine.device))
         extra = extra[0] if extra else local_sum.new_zeros(())
-        totals = _all_sum(torch.stack([local_sum.detach().float(), local_count.float(), extra.detach().float(),
+        totals = distenv.all_sum(torch.stack([local_sum.detach().float(), local_count.float(), extra.detach().float(),
                                        local_sum.new_tensor(float(len(inputs)))]))
         engine.backward(local_sum * env.world_size / totals[1] + extra)
         engine.step()

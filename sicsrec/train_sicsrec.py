@@ -55,6 +55,7 @@ from torch import nn
 
 from shards.prepared import PreparedDataset, prepared_input
 from sicsrec.config import RunConfig, SICSRecConfig
+from sicsrec.loop import fit_summary
 from sicsrec.losses import concl_loss
 from sicsrec.models.sicsrec import SICSRec, SICSRecVariant, freeze_with_lora
 from sicsrec.next_item import criterion_of
@@ -236,16 +237,18 @@ def train_sicsrec(cfg: RunConfig, force: bool = False, stop_after_epoch: int | N
         out, env, run_id = stage.out, stage.env, stage.run_id
         args = (load_id_encoder(d("train-id")), load_embedding_cache(d("encode")), PreparedDataset.load(d("prepare")))
         if not strategy.content_pretrain:
-            metrics = _fit(SICSRecTrainer(cfg.sicsrec, *args, out, cfg.seed, env, run_id), force, stop_after_epoch)
+            trainer = SICSRecTrainer(cfg.sicsrec, *args, out, cfg.seed, env, run_id)
+            metrics = fit_summary(trainer, force, stop_after_epoch)
             metrics["epochs_to_best"] = metrics["best_epoch"] + 1  # 0: the start (step 1) was kept
             return metrics
         phase1_dir = out / "content_pretrain"
         phase1_dir.mkdir(parents=True, exist_ok=True)
-        first = _fit(SICSRecTrainer(cfg.sicsrec, *args, phase1_dir, cfg.seed, env, run_id + "-content",
-                                    phase="content"), force, stop_after_epoch)
+        first = fit_summary(SICSRecTrainer(cfg.sicsrec, *args, phase1_dir, cfg.seed, env, run_id + "-content",
+                                           phase="content"), force, stop_after_epoch)
         best = torch.load(phase1_dir / "best_model.pt", map_location="cpu", weights_only=True)
-        metrics = _fit(SICSRecTrainer(cfg.sicsrec, *args, out, cfg.seed, env, run_id, phase="id", init_state=best),
-                       force, None if stop_after_epoch is None else stop_after_epoch - first["epochs_run"])
+        second = SICSRecTrainer(cfg.sicsrec, *args, out, cfg.seed, env, run_id, phase="id", init_state=best)
+        remaining = None if stop_after_epoch is None else stop_after_epoch - first["epochs_run"]
+        metrics = fit_summary(second, force, remaining)
         metrics["content_pretrain"] = {k: first[k] for k in ("best_epoch", "epochs_run", "valid", "test")}
         metrics["epochs_run_total"] = first["epochs_run"] + metrics["epochs_run"]
         # phase 2 kept its start (best_epoch -1): the best model is phase 1's
@@ -254,9 +257,3 @@ def train_sicsrec(cfg: RunConfig, force: bool = False, stop_after_epoch: int | N
         return metrics
 
     return run_declared("train-sicsrec", d("train-sicsrec"), cfg.sicsrec, inputs, body, force, cfg.seed)
-
-
-def _fit(trainer: SICSRecTrainer, force: bool, stop_after_epoch: int | None) -> dict:
-    trainer.resume(restart=force)
-    metrics = trainer.fit(stop_after_epoch)
-    return {k: v for k, v in metrics.items() if k != "history"}

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from shards.prepared import Item, PreparedDataset, UserSequence
-from sicsrec.config import TrainConfig
 from shards.windows import epoch_batches, rank_slice, train_windows
+from sicsrec.config import TrainConfig
 from sicsrec.evaluate import evaluate
 from sicsrec.train import TrainingInterrupted, load_id_encoder, train_id
 

@@ -102,6 +102,13 @@ def device(env: DistEnv) -> torch.device:
     return torch.device(f"cuda:{env.local_rank % torch.cuda.device_count()}") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    """`values` summed over ranks, in place (as it is in one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+    return values
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
