@@ -43,6 +43,18 @@ def seeded(seed: int | None):
             np.random.set_state(np_state)
 
 
+def tokens(tokenizer, titles: list[str], max_len: int) -> dict:
+    """Padded, truncated token ids and attention mask of `titles`."""
+    enc = tokenizer(titles, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def pixels(transform, images: list, size: int, seed: int | None) -> torch.Tensor:
+    """`transform`ed images [n, 3, size, size], `seeded`; zeros where an image is None."""
+    with seeded(seed):
+        return torch.stack([transform(img) if img is not None else torch.zeros(3, size, size) for img in images])
+
+
 @dataclass
 class ItemStore:
     """Every item's title and raw JPEG bytes (None: no image), indexed by dense id (0 = padding)."""
@@ -80,17 +92,12 @@ class ItemInputs:
         RNG states are left as they were)."""
         out = {}
         if self.tokenizer is not None:
-            enc = self.tokenizer([self.store.titles[i] for i in ids], padding=True, truncation=True,
-                                 max_length=self.text_max_len, return_tensors="pt")
-            out["tokens"] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            out["tokens"] = tokens(self.tokenizer, [self.store.titles[i] for i in ids], self.text_max_len)
         if self.transform is not None:
             images = [decode_image(self.store.jpegs[i], f"item {i}")[0] if self.store.jpegs[i] else None
                       for i in ids]
-            size = self.image_size
             out["has_image"] = torch.tensor([img is not None for img in images])
-            with seeded(seed):
-                out["pixels"] = torch.stack([self.transform(img) if img is not None else torch.zeros(3, size, size)
-                                             for img in images])
+            out["pixels"] = pixels(self.transform, images, self.image_size, seed)
         return out
 
 
@@ -128,18 +135,14 @@ class PairCollate:
         self.tokenizer, self.max_len = model.text.tokenizer, model.text.max_len
         self.transform = model.image_transform(train=True) if model.has_image_encoder else None
         self.size = model.cfg.image_size
-        self.seed, self.epoch = seed, 0  # the trainer sets epoch before each epoch's iteration
+        self.seed, self.epoch = seed, 0  # StreamedEpoch sets epoch before each epoch's iteration
 
     def __call__(self, samples: list[dict]) -> dict:
         sides = [s["a"] for s in samples] + [s["b"] for s in samples]
-        enc = self.tokenizer([x["title"] for x in sides], padding=True, truncation=True, max_length=self.max_len,
-                             return_tensors="pt")
-        batch = {"tokens": {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
+        batch = {"tokens": tokens(self.tokenizer, [x["title"] for x in sides], self.max_len),
                  "ids": torch.tensor([x["item"] for x in sides])}
         if self.transform is not None:
             batch["has_image"] = torch.tensor([x["image"] is not None for x in sides])
             key = json.dumps([self.seed, self.epoch, batch["ids"].tolist()]).encode()
-            with seeded(zlib.crc32(key)):
-                batch["images"] = torch.stack([self.transform(x["image"]) if x["image"] is not None
-                                               else torch.zeros(3, self.size, self.size) for x in sides])
+            batch["images"] = pixels(self.transform, [x["image"] for x in sides], self.size, zlib.crc32(key))
         return batch

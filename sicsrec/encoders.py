@@ -30,6 +30,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 
+from shards.collate import tokens
 from sicsrec.config import EncoderConfig
 from sicsrec.models.sasrec import masked_mean as mean_pool  # token states where attention_mask is 1
 from sicsrec.tokenizer import load_tokenizer, train_wordpiece
@@ -56,9 +57,7 @@ class TextEncoder(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         if isinstance(texts, str):
             raise TypeError("tokenize expects a list of strings, not one string")
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_len,
-                             return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return tokens(self.tokenizer, list(texts), self.max_len)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
