@@ -68,7 +68,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from recbole_compare import HPARAMS, compare_splits, numpy2_shims, recbole_config, recbole_data  # noqa: E402
-from scale import config, run_stages  # noqa: E402
+from scale import add_config_arguments, config, run_stages  # noqa: E402
 
 
 def rss_gb() -> float:
@@ -345,13 +345,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", default="10000,100000", help="comma-separated user counts (items generated: as many)")
-    p.add_argument("--popularity-exponent", type=float, default=0.8, help="data.synth.popularity_exponent")
-    p.add_argument("--batch", type=int, default=128, help="train batch (both)")
-    p.add_argument("--max-len", type=int, default=20, help="max sequence length (both)")
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--negatives", type=int, default=1024, help="ours: train_id.num_negatives of the sampled loss")
-    p.add_argument("--sparse", action="store_true", help="ours: train_id.sparse_item_grad")
-    p.add_argument("--eval-users", type=int, default=10000, help="ours: seeded eval user sample above this many users")
+    add_config_arguments(p)  # scale.py's: batch, max length and hidden size apply to RecBole too
     p.add_argument("--max-seconds", type=int, default=900, help="RecBole training budget per size (then extrapolated)")
     p.add_argument("--eval-seconds", type=int, default=300, help="RecBole test-eval budget per size (then extrapolated)")
     p.add_argument("--eval-batch", type=int, default=256, help="RecBole eval_batch_size (users per score matrix)")

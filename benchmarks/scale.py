@@ -53,6 +53,18 @@ def config(run_dir: Path, users: int, items: int, args) -> dict:
             "train_id": train}
 
 
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The options `config()` reads (benchmarks/recbole_scale.py generates the same data with them)."""
+    p.add_argument("--popularity-exponent", type=float, default=0.8,
+                   help="data.synth.popularity_exponent (Zipf-like skew; 0.5 keeps nearly every item through 5-core)")
+    p.add_argument("--batch", type=int, default=128, help="train_id.batch_size")
+    p.add_argument("--max-len", type=int, default=20, help="train_id.max_len (the users hold 10-30 items)")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--negatives", type=int, default=1024, help="train_id.num_negatives")
+    p.add_argument("--sparse", action="store_true", help="train_id.sparse_item_grad: row-sparse item-table updates")
+    p.add_argument("--eval-users", type=int, default=10000, help="validation/test user sample above this many users")
+
+
 def time_stage(cli_args: list[str], log_path: Path, timeout: int, threads: int = 0) -> dict:
     """One CLI stage (`python -m launcher <cli_args>`) in a fresh process: wall s, CPU s (user +
     sys), peak RSS GB, or why it failed. `threads` > 0 sets the child's OMP_NUM_THREADS."""
@@ -267,15 +279,8 @@ def main() -> None:
     p.add_argument("--users", default="10000,100000,1000000", help="comma-separated user counts (items: as many)")
     p.add_argument("--items", default="", help="comma-separated item counts generated, one per --users entry "
                    "(default: as many as users; k-core 5 then drops the rarest, so generate more to keep 10^6)")
-    p.add_argument("--popularity-exponent", type=float, default=0.8,
-                   help="data.synth.popularity_exponent (Zipf-like skew; 0.5 keeps nearly every item through 5-core)")
+    add_config_arguments(p)
     p.add_argument("--loss-items", default="1000,10000,100000,1000000", help="item counts of the loss rows ('' = none)")
-    p.add_argument("--batch", type=int, default=128, help="train_id.batch_size")
-    p.add_argument("--max-len", type=int, default=20, help="train_id.max_len (the users hold 10-30 items)")
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--negatives", type=int, default=1024, help="train_id.num_negatives")
-    p.add_argument("--sparse", action="store_true", help="train_id.sparse_item_grad: row-sparse item-table updates")
-    p.add_argument("--eval-users", type=int, default=10000, help="validation/test user sample above this many users")
     p.add_argument("--timeout", type=int, default=7200, help="seconds per stage")
     p.add_argument("--workdir", default=None, help="where the runs go (default: the system temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the run folders")
