@@ -87,7 +87,8 @@ def main() -> None:
     tfidf, llm = answers["deterministic"], answers["transformers"]
     both = [u for u in llm if llm[u] > 0 and tfidf.get(u, -1) > 0]
     agree = sum(llm[u] == tfidf[u] for u in both)
-    chance = sum(1 / len(pr.candidates) for pr in prompts if pr.user in set(both))
+    both_users = set(both)
+    chance = sum(1 / len(pr.candidates) for pr in prompts if pr.user in both_users)
     # where in the offered list the LLM's pick sits (a weak model may just take the first / last)
     position = Counter()
     for pr in prompts:
