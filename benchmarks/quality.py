@@ -163,12 +163,12 @@ def _link(target: Path, link: Path) -> None:
 def run_upstream(cfg: Config, skip: bool) -> None:
     run = Path(cfg.run_dir)
     if not skip:
-        from launcher.stages import run
+        from launcher.stages import run as run_stage
 
         for name in UPSTREAM:
             if name == "label" and read_manifest(run / "label") and read_manifest(run / "sft"):
                 continue  # label needs Ray; once SFT is done its pairs are not read again
-            run(cfg, name, False)
+            run_stage(cfg, name, False)
     missing = [s for s in ("prepare", "embeddings") if read_manifest(run / s) is None]
     if missing:
         raise SystemExit(f"{run}: no finished {', '.join(missing)} stage(s); run without --skip-upstream first")
