@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 
 @dataclass
@@ -129,6 +129,9 @@ class SICSRecConfig:
     reg: float = 0.01
     reg_id_emb: bool = True  # E_id in Theta when it trains (eq. 19); false = adapters only (this
     # repository's loss before the Table 9 strategies: reproduces earlier end_to_end/fixed_content runs)
+    # E_text, E_image: frozen (the cached tables as buffers; only their adapters train) |
+    # trainable (the tables are parameters initialised from the cache, in Theta: the official code)
+    content_tables: str = "frozen"
     use_imse: bool = True
     use_cmse: bool = True
     use_mmsd: bool = True
@@ -149,6 +152,9 @@ class SICSRecConfig:
     strategy: str = "fixed_id_enc"
     aggregate_init: str = "identity"  # identity: h_a = h_e at the start (step 2 starts at step 1) | random
     train: TrainConfig = field(default_factory=_step2_training)
+    # fields added after run directories existed: left out of the stage fingerprint at these
+    # defaults (sicsrec.runtime.rundir.fingerprinted), so those runs are not redone
+    ADDED_FIELDS: ClassVar[dict] = {"content_tables": "frozen"}
 
 
 def _tssr_training() -> TrainConfig:

@@ -27,7 +27,7 @@ from sicsrec.config import EncodeConfig, EncoderConfig
 from sicsrec.encoders import ContentEncoder, build_content_encoder
 from sicsrec.engine import resolve_precision
 from sicsrec.runtime import dist as distenv
-from sicsrec.runtime.rundir import StageRun, Upstream, read_manifest, run_declared
+from sicsrec.runtime.rundir import StageRun, Upstream, fingerprinted, read_manifest, run_declared
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,9 @@ def encode(cfg: EncodeConfig, prepared_dir: str | Path, shard_dir: str | Path, s
     tuned_dir = from_main(_tuned_encoder_dir(cfg, sft_dir) if distenv.init(distenv.detect()).is_main else None)
     if tuned_dir is None and encoders is None:
         raise ValueError("encode without a tuned encoder needs `encoders` (pass the sft.encoders section)")
-    section = dict(dataclasses.asdict(cfg), encoder_source="sft" if tuned_dir else "untuned")
+    section = dict(fingerprinted(cfg), encoder_source="sft" if tuned_dir else "untuned")
     if tuned_dir is None:
-        section.update(encoders=dataclasses.asdict(encoders))
+        section.update(encoders=fingerprinted(encoders))
     inputs = {"prepare": prepared_input(prepared_dir), "shards": shards_input(shard_dir),
               "encoder": Upstream("sft", sft_dir) if tuned_dir else "untuned"}
 

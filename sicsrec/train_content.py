@@ -14,7 +14,7 @@ from shards.prepared import PreparedDataset, prepared_input
 from sicsrec.config import RunConfig
 from sicsrec.loop import fit_summary
 from sicsrec.models.content_sasrec import VARIANTS, ContentSASRec
-from sicsrec.runtime.rundir import StageRun, Upstream, run_declared
+from sicsrec.runtime.rundir import StageRun, Upstream, fingerprinted, run_declared
 from sicsrec.train import NextItemLoss, Trainer
 from sicsrec.train_sicsrec import load_embedding_cache
 
@@ -45,7 +45,7 @@ def train_content(cfg: RunConfig, variant: str = "content", force: bool = False,
     tables = {k: v for k, v in tables.items() if (k != "text" or use_text) and (k != "image" or use_image)}
     if "text" not in tables and "image" not in tables:
         raise ValueError("train-content needs text or image embeddings (use_text / use_image)")
-    section = dict(dataclasses.asdict(cfg.train_id), variant=variant,
+    section = dict(fingerprinted(cfg.train_id), variant=variant,
                    content=sorted(k for k in tables if k != "has_image"))
 
     def body(stage: StageRun) -> dict:

@@ -9,9 +9,10 @@ of its next item; negatives are the other sequences' next items pooled across al
 same item elsewhere in the global batch masked (sicsrec.losses.concl_loss). Similarity
 (`concl_similarity`): cosine by default (h_a normalised as well, as the official code does): at
 tau = 0.05 raw inner products of unnormalised h_a explode; `inner` is the raw product.
-Theta (`reg`, `reg_id_emb`): the trainable ones of E_id (the ID encoder's item table) and the
-content adapters' weights, the trainable stand-ins of E_text and E_image (the cached tables are
-frozen buffers); a frozen member would only add a constant, so it is left out.
+Theta (`reg`, `reg_id_emb`): the trainable ones of E_id (the ID encoder's item table) and of
+E_text, E_image: the content adapters' weights, and the cached tables themselves with
+`content_tables: trainable` (else frozen buffers); a frozen member would only add a constant,
+so it is left out.
 
 Training strategies (Table 9, `sicsrec.strategy`; parameter groups as in
 `SICSRec.parameter_groups`: "Emb" = E_id or the content adapters, "Enc" = the sequence encoder
@@ -76,10 +77,12 @@ class SICSRecLoss(nn.Module):
         self.reg_id_emb = reg_id_emb
 
     def regularized(self) -> list[nn.Parameter]:
-        """Theta of eq. 19, its trainable members: E_id (with reg_id_emb) and the content adapters."""
+        """Theta of eq. 19, its trainable members: E_id (with reg_id_emb), the content adapters and
+        the content tables when they train."""
         model = self.recommender
         theta = [model.id_encoder.item_emb.weight] if self.reg_id_emb else []
         theta += [p for a in (model.text_adapter, model.image_adapter) if a is not None for p in a.parameters()]
+        theta += [t for t in (model.text_table, model.image_table) if isinstance(t, nn.Parameter)]
         return [p for p in theta if p.requires_grad]
 
     def external_parameters(self) -> list[nn.Parameter]:
@@ -150,6 +153,15 @@ def starts_at_step1(cfg: SICSRecConfig, phase: str = "") -> bool:
     return phase == "" and strategy.from_step1 and cfg.use_imse and cfg.aggregate_init == "identity"
 
 
+CONTENT_TABLES = ("frozen", "trainable")
+
+
+def content_tables_train(cfg: SICSRecConfig) -> bool:
+    if cfg.content_tables not in CONTENT_TABLES:
+        raise ValueError(f"sicsrec.content_tables must be one of {CONTENT_TABLES}, got {cfg.content_tables!r}")
+    return cfg.content_tables == "trainable"
+
+
 def build_step2_model(cfg: SICSRecConfig, id_encoder, tables: dict, phase: str = "",
                       init_state: dict | None = None) -> SICSRec:
     """The step-2 model under `cfg.strategy`, its parameters frozen or trainable as the strategy
@@ -170,7 +182,8 @@ def build_step2_model(cfg: SICSRecConfig, id_encoder, tables: dict, phase: str =
     variant = SICSRecVariant(cfg.use_imse, cfg.use_cmse, cfg.use_mmsd, cfg.l2norm, cfg.use_text, cfg.use_image)
     model = SICSRec(encoder, tables.get("text"), tables.get("image"), tables.get("has_image"),
                     cfg.content_layers, cfg.decoder_layers, cfg.heads, cfg.dropout, variant,
-                    aggregate_init=cfg.aggregate_init if strategy.from_step1 else "random")
+                    aggregate_init=cfg.aggregate_init if strategy.from_step1 else "random",
+                    trainable_tables=content_tables_train(cfg))
     if init_state is not None:
         model.load_state_dict(init_state)
     used = model.used_groups(concl=cfg.alpha > 0)

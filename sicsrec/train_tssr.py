@@ -54,7 +54,7 @@ from sicsrec.models.tssr import TSSR
 from sicsrec.next_item import criterion_of
 from sicsrec.preemption import ignore_preemption_signals
 from sicsrec.runtime import dist as distenv
-from sicsrec.runtime.rundir import StageRun, Upstream, read_manifest, run_declared, write_json
+from sicsrec.runtime.rundir import StageRun, Upstream, fingerprinted, read_manifest, run_declared, write_json
 from sicsrec.train import Trainer
 from sicsrec.train_sicsrec import load_embedding_cache
 
@@ -373,7 +373,7 @@ def train_tssr(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None
     check_config(c, cfg.sft.encoders)
     d = cfg.stage_dir
     inputs = {"prepare": prepared_input(d("prepare")), "shards": shards_input(d("shard"))}
-    section = dataclasses.asdict(c)
+    section = fingerprinted(c)
     tuned_dir = None
     if c.content == "end_to_end":
         # rank 0 decides (it wrote the sft manifest); init first so that from_main can broadcast
@@ -384,7 +384,7 @@ def train_tssr(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None
         else:
             if c.init_from_sft:
                 log.warning("train-tssr: no finished sft stage in %s; starting from UNTUNED encoders", d("sft"))
-            section["encoders"] = dataclasses.asdict(cfg.sft.encoders)
+            section["encoders"] = fingerprinted(cfg.sft.encoders)
         section["encoder_source"] = "sft" if tuned_dir else "untuned"
     else:
         inputs["embeddings"] = Upstream("encode", d("encode"))

@@ -3,6 +3,7 @@ checkpoints give one line naming the file (and --force recovers), checkpoints ke
 predecessor, and out-of-range config values are refused before any work, naming the key."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -208,3 +209,18 @@ def test_bad_config_value_is_one_line_on_the_cli(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         "error: train_id.max_len=0 is out of range: must be >= 1")
+
+
+def test_a_field_added_at_its_default_leaves_the_fingerprint_of_earlier_runs_unchanged():
+    """sicsrec.content_tables came after run directories existed: at its default it is not part of
+    the train-sicsrec fingerprint (those runs are not redone); set otherwise it is."""
+    from sicsrec.config import SICSRecConfig
+    from sicsrec.runtime.rundir import fingerprinted
+
+    before = dataclasses.asdict(SICSRecConfig())
+    del before["content_tables"]  # the section as it was before the field existed
+    assert fingerprinted(SICSRecConfig()) == before
+    changed = fingerprinted(dataclasses.replace(SICSRecConfig(), content_tables="trainable"))
+    assert changed == dict(before, content_tables="trainable")
+    nested = dataclasses.replace(SICSRecConfig(), train=dataclasses.replace(SICSRecConfig().train, lr=0.5))
+    assert fingerprinted(nested)["train"] == dataclasses.asdict(nested.train)

@@ -73,14 +73,17 @@ def backward(loss_module: SICSRecLoss, seed: int = 0) -> None:
     (ce_sum / count + extra).backward()
 
 
+@pytest.mark.parametrize("content_tables", ["frozen", "trainable"])
 @pytest.mark.parametrize("strategy,phase", RUNS, ids=[f"{s}-{p or 'single'}" for s, p in RUNS])
-def test_exactly_the_strategys_parameters_train(strategy, phase):
-    cfg = config(strategy, reg=0.01)
+def test_exactly_the_strategys_parameters_train(strategy, phase, content_tables):
+    cfg = config(strategy, reg=0.01, content_tables=content_tables)
     init = build(cfg, "content").state_dict() if phase == "id" else None  # phase 2 starts at phase 1's weights
     model = build(cfg, phase, init)
     groups = model.parameter_groups()
     assert all(groups[g] for g in EXPECTED[(strategy, phase)]), "an expected group is empty"
     want = {name for g in EXPECTED[(strategy, phase)] for name, _ in groups[g]}
+    tables_train = content_tables == "trainable" and "content_emb" in EXPECTED[(strategy, phase)]
+    assert {"text_table", "image_table"} <= want if tables_train else not {"text_table", "image_table"} & want
     assert {n for n, p in model.named_parameters() if p.requires_grad} == want
     if phase == "id":
         assert all(torch.equal(v, init[k]) for k, v in model.state_dict().items())
@@ -128,6 +131,22 @@ def test_no_trainable_parameter_without_a_gradient_path(variant):
         assert trainable == with_grad, (strategy, phase, alpha, trainable ^ with_grad)
         has_lora = any("lora_" in n for n, _ in model.named_parameters())
         assert has_lora == (lora and variant.use_imse and STRATEGIES[strategy].lora), (strategy, phase)
+
+
+def test_trainable_content_tables_start_at_the_cache_and_join_theta():
+    """content_tables=trainable: the same function at the start as the frozen tables (same init, same
+    saved names), the tables in eq. 19's Theta; an unknown value is refused."""
+    frozen, trainable = (build(config("fixed_id_enc", content_tables=t), "") for t in ("frozen", "trainable"))
+    assert frozen.state_dict().keys() == trainable.state_dict().keys()
+    assert all(torch.equal(v, trainable.state_dict()[k]) for k, v in frozen.state_dict().items())
+    assert torch.equal(trainable.text_table, tables()["text"])
+    inputs, _ = batch()
+    assert torch.equal(frozen.eval().hidden_states(inputs), trainable.eval().hidden_states(inputs))
+    theta = SICSRecLoss(trainable, 0.5, 0.2, 0.01).regularized()
+    assert any(p is trainable.text_table for p in theta) and any(p is trainable.image_table for p in theta)
+    assert not any(p is frozen.text_table for p in SICSRecLoss(frozen, 0.5, 0.2, 0.01).regularized())
+    with pytest.raises(ValueError, match="content_tables"):
+        build(config("fixed_id_enc", content_tables="learned"), "")
 
 
 def test_aliases_mean_what_they_meant():

@@ -52,22 +52,29 @@ class Adapter(nn.Sequential):
 
 
 class ContentTables(nn.Module):
-    """Cached text / image item embeddings [N+1, dim] as buffers (saved with the model, never
-    trained: `text_table`, `image_table`, `has_image`) and their trainable MLP adapters to d
-    (`text_adapter`, `image_adapter`); a missing table has neither. Shared by SICSRec and the
-    SASRec-Content/Hybrid baselines (sicsrec.models.content_sasrec)."""
+    """Cached text / image item embeddings [N+1, dim] (`text_table`, `image_table`; `has_image`)
+    and their trainable MLP adapters to d (`text_adapter`, `image_adapter`); a missing table has
+    neither. The tables are frozen buffers, or with `trainable_tables` parameters initialised
+    from the cache (the official SICSRec code's choice); saved with the model either way, under
+    the same names. Shared by SICSRec and the SASRec-Content/Hybrid baselines
+    (sicsrec.models.content_sasrec)."""
 
     text_table: torch.Tensor | None
     image_table: torch.Tensor | None
     has_image: torch.Tensor
 
     def add_content_tables(self, text_table: torch.Tensor | None, image_table: torch.Tensor | None,
-                           has_image: torch.Tensor | None, rows: int, hidden: int, dropout: float) -> None:
+                           has_image: torch.Tensor | None, rows: int, hidden: int, dropout: float,
+                           trainable_tables: bool = False) -> None:
         """Register the tables (each must have `rows` = N+1 rows) and build their adapters."""
         for name, table in (("text_table", text_table), ("image_table", image_table)):
             if table is not None and table.shape[0] != rows:
                 raise ValueError(f"{name} has {table.shape[0]} rows, expected {rows} (padding + items)")
-            self.register_buffer(name, None if table is None else table.float().clone())
+            copy = None if table is None else table.float().clone()
+            if trainable_tables and copy is not None:
+                self.register_parameter(name, nn.Parameter(copy))
+            else:
+                self.register_buffer(name, copy)
         mask = has_image if has_image is not None else torch.ones(rows, dtype=torch.bool)
         self.register_buffer("has_image", mask.bool().clone())
         self.text_adapter = Adapter(text_table.shape[1], hidden, dropout) if text_table is not None else None
@@ -94,7 +101,7 @@ class SICSRec(ContentTables):
     def __init__(self, id_encoder: SASRec, text_table: torch.Tensor | None, image_table: torch.Tensor | None,
                  has_image: torch.Tensor | None = None, content_layers: int = 2, decoder_layers: int = 1,
                  heads: int = 2, dropout: float = 0.5, variant: SICSRecVariant | None = None,
-                 aggregate_init: str = "random"):
+                 aggregate_init: str = "random", trainable_tables: bool = False):
         super().__init__()
         self.variant = v = variant or SICSRecVariant()
         if not (v.use_imse or v.use_cmse):
@@ -108,7 +115,8 @@ class SICSRec(ContentTables):
         self.id_encoder = id_encoder
         hidden, num_items = id_encoder.item_emb.embedding_dim, id_encoder.num_items
         self.max_len = id_encoder.max_len
-        self.add_content_tables(text_table, image_table, has_image, num_items + 1, hidden, dropout)
+        self.add_content_tables(text_table, image_table, has_image, num_items + 1, hidden, dropout,
+                                trainable_tables)
         self.content_pos = nn.Embedding(self.max_len, hidden)
         self.content_pos.weight.data.copy_(id_encoder.pos_emb.weight.data)
         self.content_norm = nn.LayerNorm(hidden, eps=1e-12)
@@ -142,8 +150,8 @@ class SICSRec(ContentTables):
           id_enc       the rest of the ID encoder: positions, norm, blocks (GRU4Rec: GRU, dense),
                        their LoRA excluded
           lora         the LoRA A/B matrices injected into the ID encoder's linears (eq. 20)
-          content_emb  the text/image adapters: the trainable stand-ins of E_text, E_image (eq. 6-7;
-                       the cached tables themselves are frozen buffers)
+          content_emb  E_text, E_image (eq. 6-7): the text/image adapters, and the tables themselves
+                       when they train (`trainable_tables`; else they are frozen buffers)
           content_enc  the content sequence encoder: shared content positions, norm and CMSE
           mix          MMSD and the aggregation
         "Emb" is what eq. 19's Theta = {E_id, E_text, E_image} regularises; "Enc" the sequence
@@ -153,7 +161,7 @@ class SICSRec(ContentTables):
         for name, p in self.named_parameters():
             if name.startswith("id_encoder."):
                 group = "lora" if "lora_" in name else "id_emb" if name.startswith("id_encoder.item_emb.") else "id_enc"
-            elif name.startswith(("text_adapter.", "image_adapter.")):
+            elif name.startswith(("text_adapter.", "image_adapter.")) or name in ("text_table", "image_table"):
                 group = "content_emb"
             elif name.startswith(("content_pos.", "content_norm.", "cmse.")):
                 group = "content_enc"

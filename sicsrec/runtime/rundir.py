@@ -11,6 +11,7 @@ A stage without a finished result runs in place.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -199,6 +200,21 @@ class StageRun:
     run_id: str
 
 
+def fingerprinted(section) -> dict:
+    """dataclasses.asdict(section), without the fields a section class lists in `ADDED_FIELDS`
+    (name -> default) while they hold that default: a field added to a section later leaves the
+    fingerprints of run directories made before it unchanged (their stages are not redone).
+    Nested sections are treated alike."""
+    out = {}
+    added = getattr(type(section), "ADDED_FIELDS", {})
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.name in added and value == added[f.name]:
+            continue
+        out[f.name] = fingerprinted(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
+
+
 def run_declared(name: str, out_dir: str | Path, section, inputs: dict, body: Callable[[StageRun], dict],
                  force: bool = False, seed: int | None = None, per_world_size: bool = False) -> dict:
     """The one way a stage runs. Initialises the distributed environment, waits for rank 0's
@@ -210,7 +226,7 @@ def run_declared(name: str, out_dir: str | Path, section, inputs: dict, body: Ca
 
     env = distenv.init(distenv.detect())
     distenv.barrier()  # rank 0 may still be writing the previous stage's manifest
-    section = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else dict(section)
+    section = fingerprinted(section) if dataclasses.is_dataclass(section) else dict(section)
     if seed is not None:
         section["seed"] = seed
     inputs = {key: value if isinstance(value, str) else value.fingerprint() for key, value in inputs.items()}
