@@ -79,7 +79,8 @@ def _step1(seed_dir: Path, cfg: Config) -> dict:
     """The seed's SASRec step 1 (shared by the `sasrec` row and every SICSRec row)."""
     from sicsrec.train import train_id
 
-    return train_id(cfg.train_id, seed_dir / "prepare", seed_dir / "train_id", cfg.seed)["metrics"]
+    return train_id(cfg.train_id, seed_dir / "prepare", seed_dir / "train_id", cfg.seed,
+                    embeddings_dir=seed_dir / "embeddings")["metrics"]
 
 
 def sasrec(run_dir: Path, seed: int, cfg: Config) -> dict:

@@ -25,10 +25,10 @@ class Stage:
     body: Callable[[Config, bool], dict]  # (config, force) -> manifest
 
 
-def _call(target: str, *args):
+def _call(target: str, *args, **kwargs):
     """Call `module:function`, imported only now (the CLI starts without torch)."""
     module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)(*args)
+    return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
 
 def run(cfg: Config, name: str, force: bool = False) -> dict:
@@ -133,7 +133,8 @@ STAGES: dict[str, Stage] = {
     "train-id": Stage("train_id", "SICSRec step 1: SASRec/GRU4Rec ID encoder, full-softmax CE, early stopping "
                                   "-> <run_dir>/train_id",
                       lambda c, force: _call("sicsrec.train:train_id", c.train_id, c.stage_dir("prepare"),
-                                             c.stage_dir("train-id"), c.seed, force)),
+                                             c.stage_dir("train-id"), c.seed, force,
+                                             embeddings_dir=c.stage_dir("encode"))),
     "train-sicsrec": Stage("sicsrec", "SICSRec step 2: step-1 encoder layers frozen + LoRA (item embeddings keep "
                                       "training: Table 9 fixed_id_enc), content encoder, mix decoder, CE + alpha "
                                       "ConCL -> <run_dir>/sicsrec",

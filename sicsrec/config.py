@@ -46,6 +46,11 @@ class TrainConfig:
     # the table), the rest by AdamW (sicsrec.optim); the candidates' logits are computed loss_chunk
     # target rows at a time. Per-step memory then no longer grows with N (sicsrec.next_item).
     sparse_item_grad: bool = False
+    # E_id's initial weights: random (normal, std 0.02) | pca (a PCA of the cached content
+    # embeddings, <run_dir>/embeddings, scaled to the same std: sicsrec.embedding_cache.content_pca;
+    # needs the encode stage first). Step 1 only.
+    item_init: str = "random"
+    ADDED_FIELDS: ClassVar[dict] = {"item_init": "random"}  # see SICSRecConfig.ADDED_FIELDS
 
 
 @dataclass

@@ -89,7 +89,8 @@ def load_sicsrec_model(run_dir: Path, cfg):
     way the trainer builds it (train_sicsrec.build_step2_model) so LoRA and the strategy match
     (a content strategy's final model is its phase 2's)."""
     from sicsrec.train import load_id_encoder
-    from sicsrec.train_sicsrec import STRATEGIES, build_step2_model, load_embedding_cache, resolve_strategy
+    from sicsrec.embedding_cache import load_embedding_cache
+    from sicsrec.train_sicsrec import STRATEGIES, build_step2_model, resolve_strategy
 
     best = run_dir / "sicsrec" / "best_model.pt"
     if not best.exists():

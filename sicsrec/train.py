@@ -29,6 +29,7 @@ from torch import nn
 from shards.prepared import PreparedDataset, prepared_input
 from shards.windows import collate, epoch_batches, rank_slice, train_windows
 from sicsrec.config import TrainConfig
+from sicsrec.embedding_cache import content_pca, load_embedding_cache
 from sicsrec.engine import RunCheckpoint, build_engine
 from sicsrec.evaluate import evaluate
 from sicsrec.loop import LazyBatches, TrainingInterrupted, TrainLoop, fit_summary
@@ -38,7 +39,7 @@ from sicsrec.next_item import NextItemCriterion
 from sicsrec.optim import build_optimizer
 from sicsrec.preemption import exit_for_requeue
 from sicsrec.runtime import dist as distenv
-from sicsrec.runtime.rundir import StageRun, read_manifest, run_declared, write_json
+from sicsrec.runtime.rundir import StageRun, Upstream, read_manifest, run_declared, write_json
 
 log = logging.getLogger(__name__)
 SELECT_METRIC = "ndcg@10"
@@ -66,12 +67,14 @@ class Trainer(TrainLoop):
     module, validation after every epoch, early stopping and the best weights on valid NDCG@10."""
     config_section = "train_id"  # where `cfg` sits in the config (named in errors); subclasses override
 
-    def __init__(self, cfg: TrainConfig, dataset: PreparedDataset, out_dir: Path, seed: int, env, run_id: str):
+    def __init__(self, cfg: TrainConfig, dataset: PreparedDataset, out_dir: Path, seed: int, env, run_id: str,
+                 content: dict | None = None):
         if cfg.batch_size % env.world_size:
             raise ValueError(f"train_id.batch_size {cfg.batch_size} is not divisible by the world size {env.world_size}")
         if cfg.patience < 1 or cfg.epochs < 1:
             raise ValueError("train_id.epochs and train_id.patience must be >= 1")
         self.cfg, self.dataset, self.out, self.seed, self.env, self.run_id = cfg, dataset, out_dir, seed, env, run_id
+        self.content = content  # the embedding cache E_id starts from (train_id.item_init=pca)
         self.windows = train_windows(dataset, cfg.max_len, cfg.windows)
         if not self.windows:
             raise ValueError("no user has >= 2 training items: nothing to train on")
@@ -96,6 +99,14 @@ class Trainer(TrainLoop):
         extra): `extra` is a per-rank mean term added to the loss (its gradient is averaged over
         ranks like the CE's). The loss module holds the recommender as `.recommender`."""
         model = build_id_model(self.cfg, self.dataset.num_items)
+        if self.content is not None:
+            table = model.item_emb.weight
+            init = content_pca(self.content, table.shape[1], std=float(table[1:].detach().std()))  # the model's init scale
+            if init.shape != table.shape:
+                raise ValueError(f"the embedding cache has {init.shape[0] - 1} items, the prepared data "
+                                 f"{table.shape[0] - 1}: re-run the encode stage")
+            with torch.no_grad():
+                table.copy_(init)
         return model, NextItemLoss(model)
 
     def evaluate(self, split: str, diagnostics: bool = False) -> dict:
@@ -280,16 +291,29 @@ def load_id_encoder(train_dir: str | Path) -> SequentialRecommender:
     return model.eval()
 
 
+ITEM_INITS = ("random", "pca")
+
+
 def train_id(cfg: TrainConfig, prepared_dir: str | Path, out_dir: str | Path, seed: int, force: bool = False,
-             stop_after_epoch: int | None = None) -> dict:
+             stop_after_epoch: int | None = None, embeddings_dir: str | Path | None = None) -> dict:
     """Stage `train-id`: train the ID encoder on <run_dir>/prepare, write <run_dir>/train_id.
 
     Reads the distributed environment (torchrun / SLURM) itself. Returns the stage manifest
     (metrics under "metrics"). A run with an existing matching manifest is skipped unless force;
     a run with a checkpoint but no manifest resumes. `stop_after_epoch` simulates a kill (tests).
+    `train_id.item_init: pca` also reads the embedding cache in `embeddings_dir` (an upstream).
     """
+    if cfg.item_init not in ITEM_INITS:
+        raise ValueError(f"train_id.item_init must be one of {ITEM_INITS}, got {cfg.item_init!r}")
+    inputs = {"prepare": prepared_input(prepared_dir)}
+    if cfg.item_init == "pca":
+        if embeddings_dir is None:
+            raise ValueError("train_id.item_init=pca needs the embedding cache of the encode stage")
+        inputs["embeddings"] = Upstream("encode", embeddings_dir)
+
     def body(run: StageRun) -> dict:
-        trainer = Trainer(cfg, PreparedDataset.load(prepared_dir), run.out, seed, run.env, run.run_id)
+        content = load_embedding_cache(embeddings_dir) if cfg.item_init == "pca" else None
+        trainer = Trainer(cfg, PreparedDataset.load(prepared_dir), run.out, seed, run.env, run.run_id, content)
         return fit_summary(trainer, force, stop_after_epoch)
 
-    return run_declared("train-id", out_dir, cfg, {"prepare": prepared_input(prepared_dir)}, body, force, seed)
+    return run_declared("train-id", out_dir, cfg, inputs, body, force, seed)

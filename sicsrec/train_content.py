@@ -8,15 +8,14 @@ Reads <run_dir>/{prepare, embeddings}; writes <run_dir>/sasrec_content or <run_d
 """
 from __future__ import annotations
 
-import dataclasses
 
 from shards.prepared import PreparedDataset, prepared_input
 from sicsrec.config import RunConfig
+from sicsrec.embedding_cache import load_embedding_cache
 from sicsrec.loop import fit_summary
 from sicsrec.models.content_sasrec import VARIANTS, ContentSASRec
 from sicsrec.runtime.rundir import StageRun, Upstream, fingerprinted, run_declared
 from sicsrec.train import NextItemLoss, Trainer
-from sicsrec.train_sicsrec import load_embedding_cache
 
 
 class ContentTrainer(Trainer):

@@ -48,14 +48,13 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from shards.prepared import PreparedDataset, prepared_input
 from sicsrec.config import RunConfig, SICSRecConfig
+from sicsrec.embedding_cache import load_embedding_cache
 from sicsrec.loop import fit_summary
 from sicsrec.losses import concl_loss
 from sicsrec.models.sicsrec import SICSRec, SICSRecVariant, freeze_with_lora
@@ -222,18 +221,6 @@ def _reset_parameters(module: nn.Module) -> None:
         _init_weights(module)
     elif isinstance(module, nn.GRU):
         module.reset_parameters()
-
-
-def load_embedding_cache(folder: Path) -> dict:
-    """text.npy / image.npy [N+1, d] and has_image.npy [N+1] written by the `encode` stage."""
-    tables = {}
-    for name in ("text", "image", "has_image"):
-        path = folder / f"{name}.npy"
-        if path.exists():
-            tables[name] = torch.from_numpy(np.load(path))
-    if "text" not in tables and "image" not in tables:
-        raise FileNotFoundError(f"{folder} holds no text.npy or image.npy: run `launcher encode` first")
-    return tables
 
 
 def train_sicsrec(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None = None) -> dict:

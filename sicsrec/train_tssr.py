@@ -32,7 +32,6 @@ memory of every rank (CUDA max allocated on GPU, peak RSS of the process on CPU)
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import resource
 from pathlib import Path
@@ -46,6 +45,7 @@ from shards.collate import ItemInputs, ItemStore, SequenceCollate
 from shards.prepared import PreparedDataset, prepared_input
 from shards.reader import EqualBatches, StreamedEpoch, shards_input
 from sicsrec.config import EncoderConfig, RunConfig, TSSRConfig
+from sicsrec.embedding_cache import load_embedding_cache
 from sicsrec.encode import from_main, initial_encoder
 from sicsrec.encoders import NO_IMAGE, ContentEncoder, ImageEncoder, TextEncoder, _set_grad_checkpointing
 from sicsrec.evaluate import evaluate
@@ -56,7 +56,6 @@ from sicsrec.preemption import ignore_preemption_signals
 from sicsrec.runtime import dist as distenv
 from sicsrec.runtime.rundir import StageRun, Upstream, fingerprinted, read_manifest, run_declared, write_json
 from sicsrec.train import Trainer
-from sicsrec.train_sicsrec import load_embedding_cache
 
 log = logging.getLogger(__name__)
 CONTENT_MODES = ("end_to_end", "cache")
