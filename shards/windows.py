@@ -39,6 +39,16 @@ def pad_left(sequences: list[list[int]], max_len: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def trim_left_padding(inputs: torch.Tensor, *aligned: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the leading columns that are padding in every row of `inputs` (and the same columns
+    of each `aligned` tensor), keeping at least one: a batch of short histories then costs its
+    longest one, not max_len. Exact for models whose positions count from the oldest real item
+    and whose attention masks padding keys (SASRec, SICSRec): only padding outputs disappear."""
+    real = (inputs != 0).any(0).nonzero()
+    start = int(real[0]) if len(real) else inputs.shape[1] - 1
+    return (inputs[:, start:], *(t[:, start:] for t in aligned))
+
+
 class PrefixRow(list):
     """A `windows="prefix"` row: its items, of which only the last is a training target."""
 

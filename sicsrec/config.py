@@ -50,7 +50,12 @@ class TrainConfig:
     # embeddings, <run_dir>/embeddings, scaled to the same std: sicsrec.embedding_cache.content_pca;
     # needs the encode stage first). Step 1 only.
     item_init: str = "random"
-    ADDED_FIELDS: ClassVar[dict] = {"item_init": "random"}  # see SICSRecConfig.ADDED_FIELDS
+    # pad each batch (train and evaluation) to its longest history instead of max_len: the same
+    # model function on the real positions (positions count from the oldest item, padding keys are
+    # masked), far less compute where histories are short (NineRec: ~6 items at max_len 50); off
+    # by default because dropout then draws other random numbers (runs differ from earlier ones)
+    trim_padding: bool = False
+    ADDED_FIELDS: ClassVar[dict] = {"item_init": "random", "trim_padding": False}  # see SICSRecConfig
 
 
 @dataclass

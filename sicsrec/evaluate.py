@@ -63,7 +63,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from shards.prepared import PreparedDataset, UserSequence
-from shards.windows import pad_left
+from shards.windows import pad_left, trim_left_padding
 
 KS = (5, 10, 20)
 DIAGNOSTICS = ("hit@1", "mrr", "top1_in_history", "top1_is_last", "target_is_repeat")  # sums; median_rank apart
@@ -279,7 +279,7 @@ def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: i
              progress: bool = False, *, item_table: ItemTable | None = None, item_chunk: int = 0,
              item_shard: bool = False, top_k: int = 0, top_k_path: str | Path | None = None,
              user_sample: int = 0, user_seed: int = 0, equal_batches: bool | None = None,
-             diagnostics: bool = False) -> dict:
+             diagnostics: bool = False, trim_padding: bool = False) -> dict:
     """Mean Hit@K / NDCG@K on `split` (valid or test) over all users (or a seeded sample).
 
     score_fn maps [B, max_len] left-padded histories (on `device`) to [B, N+1] scores or, when
@@ -290,6 +290,8 @@ def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: i
     `top_k_path` (JSONL). user_sample > 0 evaluates that many users drawn with `user_seed`.
     equal_batches (default: on when W > 1) gives every rank the same number of forward calls.
     diagnostics adds hit@1, mrr, median_rank, top1_in_history, top1_is_last, target_is_repeat.
+    trim_padding hands score_fn each batch padded to its longest history instead of max_len
+    (shards.windows.trim_left_padding).
     Under torch.distributed every rank must call this; rank/world_size default to the group's.
     """
     if split not in ("valid", "test"):
@@ -351,13 +353,17 @@ def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: i
         names += [n for n in DIAGNOSTICS if n not in names]
     totals = torch.zeros(len(names) + 1, dtype=torch.float64)
     top_records, all_ranks = [], []
+    def padded(histories: list) -> torch.Tensor:
+        out = pad_left(histories, max_len)
+        return (trim_left_padding(out)[0] if trim_padding else out).to(device)
+
     for batch in tqdm(batches, desc=f"eval {split}", disable=not progress, leave=False):
         if not batch:  # equal_batches padding: the forward runs (a collective under ZeRO-3), its output is unused
-            score_fn(pad_left([all_users[0].history(split)], max_len).to(device))
+            score_fn(padded([all_users[0].history(split)]))
             continue
         histories = [u.history(split) for u in batch]
         targets = torch.tensor([u.target(split) for u in batch], device=device)
-        counter = rank_batch(score_fn(pad_left(histories, max_len).to(device)), targets, histories)
+        counter = rank_batch(score_fn(padded(histories)), targets, histories)
         ranks = counter.counts
         if shared:
             ranks = _all_reduce(ranks, device)  # the per-user counts over all item slices

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from shards.prepared import PreparedDataset, prepared_input
-from shards.windows import collate, epoch_batches, rank_slice, train_windows
+from shards.windows import collate, epoch_batches, rank_slice, train_windows, trim_left_padding
 from sicsrec.config import TrainConfig
 from sicsrec.embedding_cache import content_pca, load_embedding_cache
 from sicsrec.engine import RunCheckpoint, build_engine
@@ -125,7 +125,8 @@ class Trainer(TrainLoop):
                             mask_history=cfg.mask_history, device=engine.device, progress=self.env.is_main,
                             item_table=model.item_table(), item_chunk=cfg.eval_item_chunk,
                             user_sample=cfg.eval_users if split == "valid" else cfg.test_users,
-                            equal_batches=True if engine.zero_stage == 3 else None, diagnostics=diagnostics)
+                            equal_batches=True if engine.zero_stage == 3 else None, diagnostics=diagnostics,
+                            trim_padding=cfg.trim_padding)
 
     def epoch_batches(self, epoch: int) -> LazyBatches:
         """This epoch's global batches (order a function of seed and epoch), the same count on every
@@ -138,6 +139,8 @@ class Trainer(TrainLoop):
         def local(index: int) -> dict:
             rows = rank_slice(batches[index], env.rank, env.world_size)
             inputs, targets = collate([self.windows[i] for i in rows], cfg.max_len)
+            if cfg.trim_padding:
+                inputs, targets = trim_left_padding(inputs, targets)
             return {"inputs": inputs, "targets": targets}
 
         return LazyBatches(len(batches), local)
