@@ -150,7 +150,7 @@ RANGES = {
     "num_users": AT_LEAST_1, "num_items": AT_LEAST_1, "num_topics": AT_LEAST_1, "min_seq_len": Range(2),
     "max_seq_len": Range(2), "topic_stickiness": PROBABILITY, "drift": PROBABILITY,
     "popularity_exponent": AT_LEAST_0,
-    "max_candidates": AT_LEAST_1, "max_title_chars": AT_LEAST_1, "num_actors": AT_LEAST_1,
+    "max_candidates": AT_LEAST_1, "max_title_chars": AT_LEAST_1, "num_actors": AT_LEAST_1, "max_users": AT_LEAST_0,
     "max_new_tokens": AT_LEAST_1, "tensor_parallel_size": AT_LEAST_1, "max_restarts": AT_LEAST_0,
     "loss_chunk": AT_LEAST_1, "num_negatives": AT_LEAST_1, "eval_item_chunk": AT_LEAST_0, "eval_users": AT_LEAST_0,
     "test_users": AT_LEAST_0,

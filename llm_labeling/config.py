@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass
@@ -20,3 +21,7 @@ class LabelConfig:
     guided: bool = True  # constrained decoding where the backend supports it
     ray_address: str = ""  # connect to an existing cluster ("auto" or host:port); empty starts a local one
     max_restarts: int = 2  # Ray restarts a crashed actor this often and retries its shard
+    # 0 = every user; N > 0 = a sample of N users drawn with the run's seed (kept in dataset order):
+    # a CPU-sized run of a slow backend (SFT then trains on those users' pairs only)
+    max_users: int = 0
+    ADDED_FIELDS: ClassVar[dict] = {"max_users": 0}  # out of the fingerprint at this default (earlier runs)

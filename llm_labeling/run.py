@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import tempfile
 import time
 from collections import Counter, deque
@@ -25,7 +26,7 @@ from llm_labeling.config import LabelConfig
 from llm_labeling.parse import OUTCOMES, parse_answer
 from llm_labeling.prompt import Prompt, build_prompts, clean_title
 from shards.prepared import PreparedDataset
-from sicsrec.runtime.rundir import Upstream, hash_files
+from sicsrec.runtime.rundir import Upstream, fingerprinted, hash_files
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def _actor_resources(cfg: LabelConfig) -> tuple[dict, int]:
 # ---------------------------------------------------------------- the stage
 
 def _fingerprint(cfg: LabelConfig, seed: int, prepared_dir: Path) -> str:
-    relevant = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    relevant = {k: v for k, v in fingerprinted(cfg).items() if k not in _NOT_IN_FINGERPRINT}
     dataset = hash_files([prepared_dir / "items.jsonl", prepared_dir / "sequences.jsonl"])
     blob = json.dumps({"config": relevant, "seed": seed, "dataset": dataset}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -233,6 +234,16 @@ def _label_on_ray(cfg: LabelConfig, shard_prompts: list[list[Prompt]], todo: deq
     return done
 
 
+def labeled_users(dataset: PreparedDataset, max_users: int, seed: int) -> list:
+    """Every user, or a sample of `max_users` drawn with `seed`, in dataset order."""
+    if max_users < 0:
+        raise ValueError(f"label.max_users must be >= 0, got {max_users}")
+    if not max_users or max_users >= len(dataset.users):
+        return dataset.users
+    keep = sorted(random.Random(seed).sample(range(len(dataset.users)), max_users))
+    return [dataset.users[i] for i in keep]
+
+
 def label(cfg: LabelConfig, prepared_dir: Path, out_dir: Path, seed: int = 0, force: bool = False) -> dict:
     """Label every eligible user of the PreparedDataset in `prepared_dir` into `out_dir`; returns metrics.
     Finished shards are kept unless `force`."""
@@ -246,8 +257,9 @@ def label(cfg: LabelConfig, prepared_dir: Path, out_dir: Path, seed: int = 0, fo
         (out_dir / MANIFEST).unlink()
         for path in out_dir.glob(SHARD_GLOB):
             path.unlink()
+    sampled = labeled_users(dataset, cfg.max_users, seed)
     n = cfg.users_per_shard
-    shard_users = [dataset.users[i:i + n] for i in range(0, len(dataset.users), n)]
+    shard_users = [sampled[i:i + n] for i in range(0, len(sampled), n)]
     shard_prompts, ineligible = [], Counter()
     for users in shard_users:
         prompts, skipped = build_prompts(dataset, users, cfg.max_candidates, cfg.max_title_chars, cfg.item_noun)
@@ -278,6 +290,7 @@ def label(cfg: LabelConfig, prepared_dir: Path, out_dir: Path, seed: int = 0, fo
         "shards": len(shard_prompts),
         "shards_labeled_now": shards_to_label,
         "users": len(dataset.users),
+        "users_sampled": len(sampled),
         "eligible_users": eligible,
         "ineligible_users": dict(sorted(ineligible.items())),
         "outcomes": dict(outcomes),
@@ -291,7 +304,8 @@ def label(cfg: LabelConfig, prepared_dir: Path, out_dir: Path, seed: int = 0, fo
         "prompts_per_s": round(labeled_prompts / wall, 2) if labeled_prompts else 0.0,
         "tokens_per_s": round(tokens / wall, 2) if labeled_prompts else 0.0,
     }
-    print(f"label: {eligible} eligible of {len(dataset.users)} users ({dict(ineligible) or 'none'} ineligible); "
+    sample = f" (a seeded sample of {len(sampled)})" if len(sampled) < len(dataset.users) else ""
+    print(f"label: {eligible} eligible of {len(dataset.users)} users{sample} ({dict(ineligible) or 'none'} ineligible); "
           f"outcomes {dict(outcomes)}; this run: {labeled_prompts} prompts in {wall:.1f}s = "
           f"{metrics['prompts_per_s']} prompts/s, {metrics['tokens_per_s']} generated tokens/s")
     return metrics

@@ -126,3 +126,39 @@ def test_bad_config_is_a_clear_error(tmp_path):
         label(LabelConfig(users_per_shard=0), tmp_path / "prepare", tmp_path / "label")
     with pytest.raises(FileNotFoundError, match="no prepared dataset"):
         label(LabelConfig(), tmp_path / "nothing", tmp_path / "label")
+
+
+@pytest.mark.slow
+def test_max_users_labels_a_seeded_sample_in_dataset_order(ray_session, tmp_path):
+    """label.max_users: the same seeded users every time, in dataset order, their records those of a
+    full run; the default (0 = everyone) leaves the fingerprint of earlier runs unchanged."""
+    from llm_labeling.run import _fingerprint, labeled_users
+
+    ds = make_dataset(tmp_path)
+    sample = labeled_users(ds, 12, seed=3)
+    assert [u.user for u in sample] == [u.user for u in labeled_users(ds, 12, seed=3)]
+    assert [u.user for u in sample] == sorted(u.user for u in sample) and len(sample) == 12
+    assert [u.user for u in labeled_users(ds, 12, seed=4)] != [u.user for u in sample]
+    assert labeled_users(ds, 0, seed=3) == ds.users == labeled_users(ds, 99, seed=3)
+    cfg = dataclasses.replace(CFG, max_users=12)
+    metrics = label(cfg, tmp_path / "prepare", tmp_path / "label", seed=3)
+    records = read_records(tmp_path / "label")
+    wanted = {u.user for u in sample}
+    assert [r["user"] for r in records] == [r["user"] for r in reference_records(ds, CFG) if r["user"] in wanted]
+    assert records == [r for r in reference_records(ds, CFG) if r["user"] in wanted]
+    assert metrics["users_sampled"] == 12 and metrics["users"] == 30
+    before = {k: v for k, v in dataclasses.asdict(CFG).items() if k != "max_users"}
+    assert _fingerprint(CFG, 0, tmp_path / "prepare") == _fingerprint_of(before, 0, tmp_path / "prepare")
+
+
+def _fingerprint_of(config: dict, seed: int, prepared: Path) -> str:
+    """llm_labeling.run._fingerprint as it was computed before max_users existed."""
+    import hashlib
+
+    from llm_labeling.run import _NOT_IN_FINGERPRINT
+    from sicsrec.runtime.rundir import hash_files
+
+    relevant = {k: v for k, v in config.items() if k not in _NOT_IN_FINGERPRINT}
+    dataset = hash_files([prepared / "items.jsonl", prepared / "sequences.jsonl"])
+    blob = json.dumps({"config": relevant, "seed": seed, "dataset": dataset}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
