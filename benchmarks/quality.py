@@ -144,6 +144,11 @@ ROWS: dict[str, Row] = {
     "wo_l2norm": Row("w/o L2-norm", sicsrec_row(strategy=FIXED_ID, l2norm=False), needs_images=True),
     "id_t": Row("SICSRec ID+T", sicsrec_row(strategy=FIXED_ID, use_image=False), needs_images=True),
     "id_v": Row("SICSRec ID+V", sicsrec_row(strategy=FIXED_ID, use_text=False), needs_images=True),
+    # Table 8's modality inputs under the headline strategy ("fixed_id_enc" is T+V+ID where images exist)
+    "fixed_id_enc_t": Row("SICSRec (Fixed IDEnc) ID+T", sicsrec_row(strategy="fixed_id_enc", use_image=False),
+                          needs_images=True),
+    "fixed_id_enc_v": Row("SICSRec (Fixed IDEnc) ID+V", sicsrec_row(strategy="fixed_id_enc", use_text=False),
+                          needs_images=True),
     # Table 9's other strategies ("sicsrec" is Fixed IDEmb&Enc, "fixed_id_enc" Fixed IDEnc)
     "fixed_id_emb": Row("strategy Fixed IDEmb", sicsrec_row(strategy="fixed_id_emb")),
     "fixed_content_enc": Row("strategy Fixed ConEnc", sicsrec_row(strategy="fixed_content_enc")),
