@@ -227,7 +227,7 @@ def curve(train_times: list, eval_times: list, valid_scores: list) -> list[dict]
     return [{"epoch": e, "wall_s": float(w), f"valid_{METRIC}": v} for e, (w, v) in enumerate(zip(wall, valid_scores))]
 
 
-def row_summary(points: list[dict], best_epoch: int, test: dict, train_times: list, eval_times: list, samples: float,
+def row_summary(points: list[dict], best_epoch: int, test: dict, train_times: list, eval_times: list, samples: int,
                 steps: int, **extra) -> dict:
     """One row of the table from its curve, its best epoch and its test metrics."""
     per_epoch = float(np.mean(train_times))
@@ -393,7 +393,6 @@ def main() -> None:
     if args.patience < 1:
         parser.error("--patience must be >= 1")
     logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # our per-epoch progress bars, over hundreds of epochs
     torch.set_num_threads(args.threads)
     entries = {}
     for dataset in datasets:
@@ -403,7 +402,7 @@ def main() -> None:
         if split:
             print(f"split check: {split}")
         for name, q in entry["time_to_quality"].items():
-            reach = ("never reaches" if q["ratio"] is None else
+            reach = ("does not reach it" if q["ratio"] is None else
                      f"reaches it at {q['wall_s_to_reach']:.1f} s = {q['ratio']:.2f}x RecBole's")
             print(f"{name}: {reach} (RecBole: {q['recbole_best_valid']:.4f} at {q['recbole_wall_s_to_best']:.1f} s), "
                   f"test NDCG@10 {q['test_ndcg@10_vs_recbole']:+.4f} vs RecBole; bar (<= 0.5x, >= 0): "

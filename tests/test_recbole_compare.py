@@ -2,6 +2,7 @@
 written from our prepared split giving RecBole the same valid/test targets (ties included)."""
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -51,3 +52,12 @@ def test_atomic_file_gives_recbole_our_split(tmp_path):
     dataset, _, valid, test = rc.recbole_data(config)
     split = rc.compare_splits(dataset, valid, test, tmp_path / "prepare")
     assert split == {"users_ours": 6, "users_recbole": 6, "users_with_different_targets": 0}
+
+
+def test_write_result_keeps_the_other_datasets(tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"rows": {}, "epochs": 4}))  # the former layout is replaced
+    rc.write_result(out, {"ml100k": {"a": 1}})
+    rc.write_result(out, {"ninerec_food": {"b": 2}})
+    rc.write_result(out, {"ml100k": {"a": 3}})
+    assert json.loads(out.read_text()) == {"datasets": {"ml100k": {"a": 3}, "ninerec_food": {"b": 2}}}
