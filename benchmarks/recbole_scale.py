@@ -67,39 +67,13 @@ RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from recbole_compare import HPARAMS, compare_splits, numpy2_shims, recbole_config, recbole_data  # noqa: E402
+from recbole_compare import (HPARAMS, compare_splits, numpy2_shims, recbole_config, recbole_data,  # noqa: E402
+                             write_atomic)
 from scale import add_config_arguments, config, run_stages  # noqa: E402
 
 
 def rss_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-
-
-def write_atomic(prepared: Path, data_path: Path, name: str, pad_items: int = 0) -> dict:
-    """The prepared split as RecBole atomic files in <data_path>/<name>/: `<name>.inter` (each user's
-    train items, valid, test, stamped by position) and, with pad_items, `<name>.item` listing every
-    item plus padding items up to pad_items in all."""
-    from shards.prepared import PreparedDataset
-
-    start = time.perf_counter()
-    ds = PreparedDataset.load(prepared)
-    token = [i.item_id for i in ds.items]
-    folder = data_path / name
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = 0
-    with open(folder / f"{name}.inter", "w") as f:
-        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
-        for u in ds.users:
-            seq = [*u.train, u.valid, u.test]
-            f.write("".join(f"{u.user_id}\t{token[i]}\t{t}\n" for t, i in enumerate(seq)))
-            rows += len(seq)
-    if pad_items:
-        with open(folder / f"{name}.item", "w") as f:
-            f.write("item_id:token\n")
-            f.write("".join(f"{t}\n" for t in token[1:]))
-            f.write("".join(f"pad_{k}\n" for k in range(max(0, pad_items - ds.num_items))))
-    return {"interactions": rows, "items": ds.num_items, "declared_items": max(pad_items, ds.num_items),
-            "write_s": round(time.perf_counter() - start, 1)}
 
 
 def bounded(it, deadline: float, max_steps: int, count: dict):
