@@ -241,8 +241,9 @@ def row_summary(points: list[dict], best_epoch: int, test: dict, train_times: li
 
 def run_ours(prepared: Path, out: Path, hparams: dict, windows: str, max_epochs: int, patience: int,
              seed: int) -> dict:
+    # trim_padding: our batches cost their longest history, not max_len (the same model function)
     cfg = TrainConfig(**hparams, windows=windows, epochs=max_epochs, patience=patience, engine="single",
-                      precision="fp32")
+                      precision="fp32", trim_padding=True)
     start = time.time()
     train_id(cfg, prepared, out, seed=seed, force=True)
     run_s = time.time() - start
