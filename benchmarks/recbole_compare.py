@@ -10,18 +10,16 @@ JSON):
     .venv/bin/python benchmarks/recbole_compare.py --dataset ml100k --threads 1 &
     .venv/bin/python benchmarks/recbole_compare.py --dataset ninerec_food --threads 1
 
-Data. `ml100k`: both read recbole/dataset_example/ml-100k/ml-100k.inter (shipped inside the
-recbole wheel); leave-one-out by time, ties in file order (RecBole: stable sort, `eval_args:
-{split: {LS: valid_and_test}, order: TO, mode: full}`; ours: shards.prepare with no k-core
-filter). A few users get a different valid/test item: RecBole min-max normalises float fields,
-timestamps included (`normalize_all: True` in its ml-100k.yaml), and keeps them as float32, which
-merges timestamps about a second apart; its stable sort then keeps file order where ours sorts by
-the exact time. `ninerec_food`: NineRec Bili_Food as configs/ninerec_food.yaml reads it
-(shards.sources.convert_ninerec, k-core 1); RecBole reads an atomic `.inter` written from our
+Data. `ml100k`: recbole/dataset_example/ml-100k/ml-100k.inter (shipped inside the recbole wheel)
+prepared by shards.prepare with no k-core filter (leave-one-out by time, ties in file order);
+`ninerec_food`: NineRec Bili_Food as configs/ninerec_food.yaml reads it
+(shards.sources.convert_ninerec, k-core 1). RecBole reads an atomic `.inter` written from our
 prepared sequences (write_atomic: each user's train items, valid, test, stamped 0, 1, 2, ... so
-that RecBole's stable time sort keeps our order), so both train and evaluate on exactly the same
-interactions. compare_splits counts users whose RecBole valid/test item differs from ours (0 for
-Food).
+that RecBole's stable time sort keeps our order; `eval_args: {split: {LS: valid_and_test}, order:
+TO, mode: full}`), so both train and evaluate on exactly the same interactions. (RecBole's own
+ML-100K loading differs for 5 users: it min-max normalises timestamps to float32, which merges
+some a second apart.) compare_splits counts users whose RecBole valid/test item differs from
+ours (0).
 
 Same hyper-parameters (HPARAMS; --hidden sets the hidden and FFN size, --batch-size the train
 batch, for both): hidden 64, 2 layers, 2 heads, FFN 64 with ReLU, dropout 0.5, max length 50,
@@ -71,7 +69,7 @@ sys.path.insert(0, str(REPO))
 from shards.canonical import read_canonical  # noqa: E402
 from shards.prepare import prepare  # noqa: E402
 from shards.prepared import PreparedDataset  # noqa: E402
-from shards.sources import convert_ml100k, convert_ninerec, recbole_ml100k_dir  # noqa: E402
+from shards.sources import convert_ml100k, convert_ninerec  # noqa: E402
 from sicsrec.config import TrainConfig  # noqa: E402
 from sicsrec.train import train_id  # noqa: E402
 
@@ -167,9 +165,8 @@ def recbole_data(config):
 
 
 def recbole_source(dataset: str, prepared: Path, work: Path) -> tuple[str, Path]:
-    """(RecBole dataset name, its data_path): its own ML-100K files, or our prepared split as atomic files."""
-    if dataset == "ml100k":
-        return "ml-100k", recbole_ml100k_dir().parent
+    """(RecBole dataset name, its data_path): our prepared split as atomic files, so that both train
+    and evaluate on exactly the same interactions (for ML-100K prepared from RecBole's own file)."""
     write_atomic(prepared, work / "recbole", dataset)
     return dataset, work / "recbole"
 
