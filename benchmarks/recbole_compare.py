@@ -347,7 +347,7 @@ def run_dataset(dataset: str, args) -> dict:
             rows[RECBOLE] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
         finally:
             os.chdir(cwd)
-        for windows in OUR_WINDOWS:
+        for windows in args.windows.split(","):
             name = f"ours SASRec (windows={windows})"
             entry["loadavg_at_start"][name] = os.getloadavg()
             rows[name] = run_ours(prepared, work / f"ours_{windows}", hparams, windows, args.max_epochs,
@@ -381,6 +381,8 @@ def main() -> None:
                         help=f"hidden and FFN size for both (default {HPARAMS['hidden']})")
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"train batch for both (default {HPARAMS['batch_size']})")
+    parser.add_argument("--windows", default=",".join(OUR_WINDOWS),
+                        help=f"our rows: comma-separated train_id.windows of {OUR_WINDOWS}")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "recbole_compare.json"))
     args = parser.parse_args()
@@ -388,6 +390,8 @@ def main() -> None:
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:
         parser.error(f"unknown --dataset {', '.join(unknown)}; expected {', '.join(DATASETS)}")
+    if not set(args.windows.split(",")) <= set(OUR_WINDOWS):
+        parser.error(f"--windows: expected a comma list of {OUR_WINDOWS}")
     if args.patience < 1:
         parser.error("--patience must be >= 1")
     logging.basicConfig(level=logging.WARNING)
