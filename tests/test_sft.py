@@ -34,7 +34,8 @@ def write_labels(dataset: PreparedDataset, label_dir: Path) -> list[tuple[int, i
                for u in dataset.users]
     records.append({"user": 0, "target": 1, "similar": None, "answer": "?", "outcome": "unparsable"})
     (label_dir / "pairs-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (label_dir / "label_manifest.json").write_text(json.dumps({"num_shards": 1}))
+    (label_dir / "manifest.json").write_text(json.dumps({"stage": "label", "fingerprint": "by-hand",
+                                                         "metrics": {"shards": 1}}))
     return [(r["target"], r["similar"]) for r in records[:-1]]
 
 
