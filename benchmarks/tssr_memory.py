@@ -8,9 +8,11 @@ DeepSpeed ZeRO stage x micro batch x activation checkpointing of the encoders.
         --image-kwargs '{}' --text-hidden 768 --text-layers 12 --text-heads 12 --proj-dim 768 \
         --hidden 768 --heads 12 --micro 8,16,32 --items 4000 --steps 5
 
-Every setting builds a fresh model (seed 0) on synthetic items (random titles, random JPEGs
-decoded and transformed per step like `launcher train-tssr`) and runs `--warmup` + `--steps`
-optimizer steps with the TSSR loss (L_u + L_i + CE, negatives pooled across ranks). It measures,
+Every setting builds a fresh TSSRTrainer (the trainer of `launcher train-tssr`, seed 0: its
+engine, optimizer, streamed batches) on synthetic items (random titles, random JPEGs decoded and
+transformed per step) and users (written to train shards in a temporary folder), and runs
+`--warmup` + `--steps` optimizer steps of its `train_step` (L_u + L_i + CE, negatives pooled
+across ranks). It measures,
 per rank, the peak memory above what the process held before the setting was built (CUDA:
 max allocated; CPU: peak RSS, VmHWM, reset per setting) and the bytes of optimizer state the
 rank holds, plus the mean step time (slowest rank). Ratios are against ZeRO-0 with the same
@@ -36,7 +38,9 @@ import io
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,13 +55,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported anywhere
 os.environ.setdefault("DS_BUILD_OPS", "0")
 
-from shards.collate import ItemInputs, ItemStore, SequenceCollate  # noqa: E402
+from shards.collate import ItemStore  # noqa: E402
+from shards.config import ShardConfig  # noqa: E402
+from shards.prepared import Item, PreparedDataset, UserSequence  # noqa: E402
+from shards.writer import write_shards  # noqa: E402
 from sicsrec.config import EncoderConfig, TSSRConfig  # noqa: E402
 from sicsrec.encoders import _set_grad_checkpointing, build_content_encoder  # noqa: E402
-from sicsrec.engine import build_engine  # noqa: E402
 from sicsrec.runtime import dist as distenv  # noqa: E402
-from sicsrec.train_tssr import (TSSRLoss, all_ranks, build_recommender, current_rss_mb,  # noqa: E402
-                                optimizer_state_mb, peak_memory_mb, reset_peak_memory)
+from sicsrec.train_tssr import (TSSRTrainer, all_ranks, current_rss_mb, optimizer_state_mb,  # noqa: E402
+                                peak_memory_mb, reset_peak_memory)
 
 WORDS = [f"{a}{b}" for a in ("red", "blue", "soft", "big", "mini", "warm", "cool", "dark") for b in
          ("shirt", "dress", "shoe", "cake", "soup", "lamp", "mug", "hat", "bag", "sock")]
@@ -133,8 +139,24 @@ def held_mb(device: torch.device) -> float:
     return torch.cuda.memory_allocated(device) / 2 ** 20 if device.type == "cuda" else current_rss_mb()
 
 
-def run_setting(args, env, encoders: EncoderConfig, store: ItemStore, stage: int, micro: int,
-                checkpointing: bool, steps: int | None = None) -> dict:
+def synthetic_users(store: ItemStore, users: int, max_len: int, shard_dir: Path, world_size: int) -> PreparedDataset:
+    """`users` random users of max_len + 1 train items (one TSSR window each), their train
+    shards written to shard_dir (one shard per rank) for the trainer's streamed batches."""
+    rng = np.random.default_rng(1)
+    num_items = len(store.titles) - 1
+    items = [Item(i, f"item{i}", store.titles[i], None) for i in range(1, num_items + 1)]  # images: the store's
+    sequences = [UserSequence(u, f"user{u}", rng.integers(1, num_items + 1, max_len + 1).tolist(),
+                              valid=int(rng.integers(1, num_items + 1)), test=int(rng.integers(1, num_items + 1)))
+                 for u in range(1, users + 1)]
+    dataset = PreparedDataset(items, sequences)
+    write_shards(dataset, shard_dir, ShardConfig(items_per_shard=num_items, users_per_shard=-(-users // world_size)))
+    return dataset
+
+
+def run_setting(args, env, encoders: EncoderConfig, store: ItemStore, dataset: PreparedDataset, work: Path,
+                stage: int, micro: int, checkpointing: bool, steps: int | None = None) -> dict:
+    """`--warmup` + `steps` optimizer steps of a TSSRTrainer (train-tssr's trainer: its engine,
+    optimizer, streamed batches and `train_step`) built for this setting."""
     device = distenv.device(env)
     release_memory(device)
     distenv.barrier()
@@ -145,36 +167,28 @@ def run_setting(args, env, encoders: EncoderConfig, store: ItemStore, stage: int
     encoder = build_content_encoder(encoders, titles=store.titles[1:])
     _set_grad_checkpointing(encoder, checkpointing)
     cfg = TSSRConfig(hidden=args.hidden, heads=args.heads, uni_layers=args.uni_layers,
-                     multi_layers=args.multi_layers)
-    cfg.train.max_len = args.max_len
-    model = build_recommender(cfg, len(store.titles) - 1, encoder)
-    loss = TSSRLoss(model, cfg)
-    params = sum(p.numel() for p in model.parameters())
-    engine = build_engine(loss, torch.optim.AdamW(loss.parameters(), lr=1e-4), env, kind="deepspeed",
-                          micro_batch=micro, grad_accum=args.grad_accum, grad_clip=1.0,
-                          precision=args.precision, ds_config=args.ds_config, zero_stage=stage)
-    image = encoder.image
-    collate = SequenceCollate(args.max_len, ItemInputs(store, encoder.text.tokenizer, encoder.text.max_len,
-                                                  image.transform(train=True) if image else None,
-                                                  image.image_size if image else 0))
-    rng = np.random.default_rng(1000 + env.rank)  # every rank its own users
-    engine.train()
+                     multi_layers=args.multi_layers, grad_accum=args.grad_accum)
+    cfg.train = dataclasses.replace(cfg.train, max_len=args.max_len, batch_size=micro * env.world_size,
+                                    grad_clip=1.0, precision=args.precision, ds_config=args.ds_config,
+                                    engine="deepspeed", zero_stage=stage)
+    # work/run: the trainer's run folder (nothing is written there: no checkpoint, no step log)
+    trainer = TSSRTrainer(cfg, encoder, store, work / "shards", dataset, work / "run", 0, env, "tssr-memory")
+    engine = trainer.engine
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())  # ZeRO-3: partitioned
+    batches = trainer.epoch_batches(0)
     times = []
     micro_steps = (args.warmup + (steps or args.steps)) * args.grad_accum
+    if micro_steps > len(batches):
+        raise ValueError(f"{micro_steps} micro steps need more synthetic users than {len(batches)} batches hold")
+    engine.train()
     for step in range(micro_steps):
-        users = [{"user": env.rank * 10 ** 6 + step * micro + u,
-                  "items": rng.integers(1, len(store.titles), args.max_len + 1).tolist()} for u in range(micro)]
         start = time.perf_counter()
-        batch = collate(users)  # decode + transform + tokenise: part of the step, as in train-tssr
-        loss.feed(batch)
-        ce_sum, count, extra = engine(batch["inputs"].to(device), batch["targets"].to(device))
-        totals = distenv.all_sum(torch.stack([count.detach().float()]))
-        engine.backward(ce_sum * env.world_size / totals[0] + extra)
-        engine.step()
+        trainer.train_step(batches[step])  # batches[step] decodes, transforms and tokenises, as in train-tssr
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= args.warmup * args.grad_accum:
             times.append(time.perf_counter() - start)
+    batches.close()
 
     peak = peak_memory_mb(device)
     result = {"zero_stage": stage, "micro_batch": micro, "grad_checkpointing": checkpointing,
@@ -185,7 +199,7 @@ def run_setting(args, env, encoders: EncoderConfig, store: ItemStore, stage: int
               "step_seconds": round(max(all_ranks(float(np.mean(times)) * args.grad_accum)), 4)}
     if engine.ds is not None and hasattr(engine.ds, "destroy"):
         engine.ds.destroy()
-    del engine, loss, model, encoder, collate
+    del engine, trainer, batches, encoder
     release_memory(device)
     return result
 
@@ -224,19 +238,24 @@ def main(argv=None) -> None:
                              image_model=args.image_model, image_size=args.image_size,
                              image_model_kwargs=json.loads(args.image_kwargs), proj_dim=args.proj_dim)
     store = synthetic_items(args.items, args.image_size)
+    work = Path(tempfile.mkdtemp(prefix="tssr-memory-"))
+    users = max(args.micro) * (args.warmup + args.steps) * args.grad_accum * env.world_size
+    # every rank writes the same shards into its own folder (no shared file system needed)
+    dataset = synthetic_users(store, users, args.max_len, work / "shards", env.world_size)
     # one throwaway setting first: the process's one-time costs (DeepSpeed start-up, lazily
     # loaded kernels, allocator arenas) would otherwise land in the first row's peak
-    run_setting(args, env, encoders, store, min(args.stages), args.micro[0], args.checkpointing[0], steps=1)
+    run_setting(args, env, encoders, store, dataset, work, min(args.stages), args.micro[0], args.checkpointing[0], steps=1)
     rows = []
     # ZeRO stage outermost, 3 last: a ZeRO-3 engine keeps its model and optimizer state alive after
     # destroy() (seen on an H100: ~16 bytes/parameter), which would raise the later rows' baseline
     for stage in sorted(args.stages):
         for micro in args.micro:
             for checkpointing in args.checkpointing:
-                row = run_setting(args, env, encoders, store, stage, micro, checkpointing)
+                row = run_setting(args, env, encoders, store, dataset, work, stage, micro, checkpointing)
                 rows.append(row)
                 if env.is_main:
                     print(json.dumps(row), flush=True)
+    shutil.rmtree(work)
     if env.is_main:
         name = "cpu" if device.type == "cpu" else "cuda"
         out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"tssr_memory_{name}.json"

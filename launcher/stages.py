@@ -107,9 +107,10 @@ def _shard(cfg: Config, force: bool) -> dict:
 
 
 def _label(cfg: Config, force: bool) -> dict:
-    from llm_labeling.run import label
+    from llm_labeling.run import label, migrate_progress
 
     prepared = cfg.stage_dir("prepare")
+    migrate_progress(cfg.stage_dir("label"))  # a run directory of the old layout, finished or not
     return run_declared("label", cfg.stage_dir("label"), cfg.label, {"prepare": Upstream("prepare", prepared)},
                         lambda run: label(cfg.label, prepared, run.out, seed=cfg.seed, force=force), force, cfg.seed)
 

@@ -5,8 +5,11 @@ Users are split in order into shards of `users_per_shard`; shard k's records go 
 dense ids, similar = -1 unless the outcome is 'valid'). Actors only compute; the driver writes
 each shard file atomically (temp file + os.replace), so a shard file that exists is complete.
 A re-run skips the shards that exist, which makes a killed job resume with no gaps and no
-duplicates. `label_manifest.json` records a fingerprint of everything that changes the answers
-(config, seed, dataset); when it differs, the old shard files are deleted and all shards redone.
+duplicates. The resume state, `checkpoint/progress.json`, records a fingerprint of everything that
+changes the answers (config, seed, dataset) and the number of shards; when the fingerprint differs,
+the old shard files are deleted and all shards redone. The stage's one manifest is the
+`manifest.json` that run_stage writes (its metrics hold the number of shards); a folder of the
+old layout has its `label_manifest.json` moved to `checkpoint/progress.json` (migrate_progress).
 """
 from __future__ import annotations
 
@@ -26,11 +29,12 @@ from llm_labeling.config import LabelConfig
 from llm_labeling.parse import OUTCOMES, parse_answer
 from llm_labeling.prompt import Prompt, build_prompts, clean_title
 from shards.prepared import PreparedDataset
-from sicsrec.runtime.rundir import Upstream, fingerprinted, hash_files
+from sicsrec.runtime.rundir import Upstream, fingerprinted, hash_files, read_manifest
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "label_manifest.json"
+PROGRESS = Path("checkpoint") / "progress.json"
+OLD_PROGRESS = "label_manifest.json"  # where the resume state was kept before checkpoint/
 SHARD_GLOB = "pairs-*.jsonl"
 GPU_BACKENDS = ("vllm",)
 # Settings that do not change any answer: changing them keeps the finished shards. (batch_size does:
@@ -167,23 +171,34 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def migrate_progress(out_dir: Path) -> None:
+    """Move a labeling folder's resume state from its old place (`label_manifest.json`, same
+    content) to `checkpoint/progress.json`; its shard files stay as they are."""
+    old = Path(out_dir) / OLD_PROGRESS
+    if old.exists():
+        (Path(out_dir) / PROGRESS).parent.mkdir(exist_ok=True)
+        os.replace(old, Path(out_dir) / PROGRESS)
+
+
 def _prepare_out_dir(out_dir: Path, fingerprint: str, num_shards: int, cfg: LabelConfig, seed: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    migrate_progress(out_dir)
     for stray in out_dir.glob("*.tmp"):  # left by a killed run: never complete
         stray.unlink()
-    manifest_path = out_dir / MANIFEST
-    old = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    progress_path = out_dir / PROGRESS
+    old = json.loads(progress_path.read_text()) if progress_path.exists() else None
     if old and old.get("fingerprint") == fingerprint:
         return
     stale = sorted(out_dir.glob(SHARD_GLOB))
     if stale:
         log.warning("label: config, seed or dataset changed since %s was written; deleting %d old shard file(s) "
-                    "and labeling again", manifest_path, len(stale))
+                    "and labeling again", progress_path, len(stale))
         for path in stale:
             path.unlink()
-    manifest = {"fingerprint": fingerprint, "num_shards": num_shards, "seed": seed,
+    progress_path.parent.mkdir(exist_ok=True)
+    progress = {"fingerprint": fingerprint, "num_shards": num_shards, "seed": seed,
                 "config": dataclasses.asdict(cfg)}
-    _atomic_write(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    _atomic_write(progress_path, json.dumps(progress, indent=2) + "\n")
 
 
 def _read_shard(path: Path) -> list[dict]:
@@ -253,10 +268,12 @@ def label(cfg: LabelConfig, prepared_dir: Path, out_dir: Path, seed: int = 0, fo
         raise ValueError(f"label.users_per_shard must be >= 1, got {cfg.users_per_shard}")
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     dataset = PreparedDataset.load(prepared_dir)
-    if force and (out_dir / MANIFEST).exists():
-        (out_dir / MANIFEST).unlink()
-        for path in out_dir.glob(SHARD_GLOB):
-            path.unlink()
+    if force:
+        migrate_progress(out_dir)
+        if (out_dir / PROGRESS).exists():
+            (out_dir / PROGRESS).unlink()
+            for path in out_dir.glob(SHARD_GLOB):
+                path.unlink()
     sampled = labeled_users(dataset, cfg.max_users, seed)
     n = cfg.users_per_shard
     shard_users = [sampled[i:i + n] for i in range(0, len(sampled), n)]
@@ -311,13 +328,23 @@ def label(cfg: LabelConfig, prepared_dir: Path, out_dir: Path, seed: int = 0, fo
     return metrics
 
 
+def _num_shards(out_dir: Path) -> int:
+    """The shard count of a labeling run: from its stage manifest, or (a run outside the launcher,
+    or one not finished) from its resume state."""
+    manifest = read_manifest(out_dir)
+    if manifest:
+        return manifest["metrics"]["shards"]
+    for progress in (out_dir / PROGRESS, out_dir / OLD_PROGRESS):
+        if progress.exists():
+            return json.loads(progress.read_text())["num_shards"]
+    raise FileNotFoundError(f"{out_dir} holds no labeling run (no manifest.json or {PROGRESS}); "
+                            f"run `launcher label` first")
+
+
 def read_records(out_dir: Path) -> list[dict]:
     """All records of a finished labeling run, in shard order."""
     out_dir = Path(out_dir)
-    manifest_path = out_dir / MANIFEST
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"{out_dir} holds no labeling run ({MANIFEST} missing); run `launcher label` first")
-    num_shards = json.loads(manifest_path.read_text())["num_shards"]
+    num_shards = _num_shards(out_dir)
     missing = [k for k in range(num_shards) if not shard_path(out_dir, k).exists()]
     if missing:
         raise FileNotFoundError(f"labeling in {out_dir} is unfinished: {len(missing)} of {num_shards} shard file(s) "

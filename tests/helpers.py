@@ -1,6 +1,7 @@
 """Builders of small datasets for tests (plain functions: call them from fixtures)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from shards.canonical import read_canonical
@@ -22,3 +23,9 @@ def tiny_synth(root: Path, users: int = 60, items: int = 40, topics: int = 4, se
     ds.save(root / "prepare")
     write_shards(ds, root / "shards", ShardConfig(items_per_shard=items_per_shard, users_per_shard=users_per_shard))
     return ds
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a session-scoped run directory (tests/conftest.py) to write in; dst may exist."""
+    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+    return dst

@@ -15,7 +15,7 @@ from llm_labeling.backends import DeterministicEngine
 from llm_labeling.config import LabelConfig
 from llm_labeling.parse import parse_answer
 from llm_labeling.prompt import build_prompts, clean_title
-from llm_labeling.run import MANIFEST, label, ray_home, read_pairs, read_records
+from llm_labeling.run import PROGRESS, label, ray_home, read_pairs, read_records
 from shards.prepared import Item, PreparedDataset, UserSequence
 
 WORDS = ["spicy", "noodles", "beef", "cake", "tea", "dance", "street", "hotpot", "cat", "guitar", "tofu", "rice"]
@@ -51,7 +51,8 @@ def reference_records(ds: PreparedDataset, cfg: LabelConfig) -> list[dict]:
 
 
 def shard_files(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != MANIFEST}
+    """The shard files and any temp files: not the stage manifest, not checkpoint/."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != "manifest.json"}
 
 
 CFG = LabelConfig(backend="deterministic", users_per_shard=8, num_actors=2, batch_size=3, max_candidates=6)
@@ -96,7 +97,7 @@ def test_killed_run_resumes_to_the_same_result(ray_session, tmp_path):
         "shards_labeled_now"] == 0
     metrics = label(dataclasses.replace(CFG, max_candidates=2), tmp_path / "prepare", out)
     assert metrics["shards_labeled_now"] == 4
-    assert json.loads((out / MANIFEST).read_text())["config"]["max_candidates"] == 2
+    assert json.loads((out / PROGRESS).read_text())["config"]["max_candidates"] == 2
     assert read_records(out) == reference_records(PreparedDataset.load(tmp_path / "prepare"),
                                                   dataclasses.replace(CFG, max_candidates=2))
     assert label(dataclasses.replace(CFG, max_candidates=2), tmp_path / "prepare", out, force=True)[
@@ -162,3 +163,40 @@ def _fingerprint_of(config: dict, seed: int, prepared: Path) -> str:
     dataset = hash_files([prepared / "items.jsonl", prepared / "sequences.jsonl"])
     blob = json.dumps({"config": relevant, "seed": seed, "dataset": dataset}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@pytest.mark.slow
+def test_a_run_directory_of_the_old_layout_is_migrated_without_relabelling(ray_session, tmp_path):
+    """Before checkpoint/progress.json the resume state was `label/label_manifest.json`: such a run
+    directory, finished or killed, keeps its shards, and its label manifest keeps its fingerprint."""
+    from launcher.config import load_config
+    from launcher.stages import run
+    from llm_labeling.run import OLD_PROGRESS, labels_input
+    from sicsrec.runtime.rundir import write_json
+
+    make_dataset(tmp_path)
+    write_json(tmp_path / "prepare" / "manifest.json", {"stage": "prepare", "fingerprint": "prepared-by-hand"})
+    cfg = load_config(None, [f"run_dir={tmp_path}", "label.users_per_shard=8", "label.batch_size=3",
+                             "label.max_candidates=6"])
+    out = cfg.stage_dir("label")
+    first = run(cfg, "label")
+    complete, progress, pairs = shard_files(out), (out / PROGRESS).read_bytes(), labels_input(out).fingerprint()
+    records = read_records(out)
+
+    def to_old_layout() -> None:
+        os.replace(out / PROGRESS, out / OLD_PROGRESS)
+        (out / PROGRESS).parent.rmdir()
+
+    to_old_layout()  # a finished run: skipped, its resume state moved
+    assert read_records(out) == records  # readable before the move
+    assert run(cfg, "label") == first
+    assert not (out / OLD_PROGRESS).exists() and (out / PROGRESS).read_bytes() == progress
+
+    to_old_layout()  # killed while writing shard 2, before the stage manifest
+    (out / "manifest.json").unlink()
+    (out / "pairs-00002.jsonl").unlink()
+    resumed = run(cfg, "label")
+    assert resumed["metrics"]["shards_labeled_now"] == 1 and shard_files(out) == complete
+    assert resumed["fingerprint"] == first["fingerprint"] and not (out / OLD_PROGRESS).exists()
+    # SFT reads the label stage by its pairs' content: unchanged, so a finished SFT is not redone
+    assert labels_input(out).fingerprint() == pairs

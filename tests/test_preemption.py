@@ -21,6 +21,7 @@ from launcher.config import load_config
 from sicsrec.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE_ENV, TEST_HOOK_ENV, Preempted, PreemptionGuard
 from sicsrec.runtime.rundir import run_stage
 from sicsrec.train import train_id
+from tests.helpers import copy_run
 from tests.test_train_id import TINY, make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,12 +144,12 @@ def test_step1_two_ranks_sigterm_to_torchrun_resumes_exactly(tmp_path):
 # ------------------------------------------------------------------ SFT, 1 process
 
 @pytest.mark.slow
-def test_sft_one_process_preempted_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
+def test_sft_one_process_preempted_mid_epoch_resumes_exactly(synth_run, tmp_path, monkeypatch):
     from sicsrec.sft import sft
     from test_sft import tiny_sft, write_labels
-    from tests.helpers import tiny_synth
 
-    dataset = tiny_synth(tmp_path)
+    root, dataset = synth_run
+    copy_run(root, tmp_path)
     write_labels(dataset, tmp_path / "label")
     cfg = tiny_sft(engine="single", epochs=2, num_workers=2)  # images (random crops) via 2 loader workers
     paths = (tmp_path / "prepare", tmp_path / "shards", tmp_path / "label")
@@ -176,7 +177,7 @@ def test_sft_one_process_preempted_mid_epoch_resumes_exactly(tmp_path, monkeypat
 # ------------------------------------------------------------------ TSSR, gradient accumulation
 
 @pytest.mark.slow
-def test_tssr_with_grad_accum_preempted_at_an_odd_micro_step_resumes_exactly(tmp_path, monkeypatch):
+def test_tssr_with_grad_accum_preempted_at_an_odd_micro_step_resumes_exactly(synth_run, tmp_path, monkeypatch):
     """The signal arrives after micro step 3 of a grad_accum=2 run: the trainer finishes that
     optimizer step (micro step 4) before it checkpoints, so the resumed run takes every optimizer
     step of the uninterrupted one (DeepSpeed, 1 process, cached content)."""
@@ -184,10 +185,10 @@ def test_tssr_with_grad_accum_preempted_at_an_odd_micro_step_resumes_exactly(tmp
 
     from sicsrec.train_tssr import train_tssr
     from test_train_tssr import tiny_tssr
-    from tests.helpers import tiny_synth
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    dataset = tiny_synth(tmp_path)
+    root, dataset = synth_run
+    copy_run(root, tmp_path)
     text = np.random.default_rng(0).normal(size=(dataset.num_items + 1, 6)).astype(np.float32)
     run_stage(tmp_path / "embeddings", "encode", {}, {}, lambda out: np.save(out / "text.npy", text) or {})
     for name in ("full", "killed"):

@@ -11,7 +11,8 @@ from shards.windows import pad_left
 from sicsrec.representation import alignment, load_sicsrec_model, stage_representation, uniformity
 from sicsrec.train import load_id_encoder
 from sicsrec.train_sicsrec import train_sicsrec
-from tests.test_train_sicsrec import make_run, overrides
+from tests.helpers import copy_run
+from tests.test_train_sicsrec import overrides
 
 
 def test_alignment_hand_computed():
@@ -45,8 +46,8 @@ def test_uniformity_matches_brute_force_on_random_points():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = make_run(tmp_path_factory.mktemp("repr"))
+def run(step1_run, tmp_path_factory):
+    root = copy_run(step1_run, tmp_path_factory.mktemp("repr"))
     train_sicsrec(overrides(root))
     return root
 

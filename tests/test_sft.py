@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import tiny_synth
+from tests.helpers import copy_run
 from shards.prepared import Item, PreparedDataset
 from sicsrec.config import EncodeConfig, SFTConfig
 from sicsrec.encode import ItemEmbeddings, encode, initial_encoder
@@ -34,7 +34,8 @@ def write_labels(dataset: PreparedDataset, label_dir: Path) -> list[tuple[int, i
                for u in dataset.users]
     records.append({"user": 0, "target": 1, "similar": None, "answer": "?", "outcome": "unparsable"})
     (label_dir / "pairs-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (label_dir / "label_manifest.json").write_text(json.dumps({"num_shards": 1}))
+    (label_dir / "manifest.json").write_text(json.dumps({"stage": "label", "fingerprint": "by-hand",
+                                                         "metrics": {"shards": 1}}))
     return [(r["target"], r["similar"]) for r in records[:-1]]
 
 
@@ -80,8 +81,9 @@ def test_aligned_rows_and_missing_items():
         ItemEmbeddings.concat([part, part]).aligned(2)
 
 
-def test_text_only_sft_single_process_and_untuned_encode(tmp_path):
-    dataset = tiny_synth(tmp_path)
+def test_text_only_sft_single_process_and_untuned_encode(synth_run, tmp_path):
+    root, dataset = synth_run
+    copy_run(root, tmp_path)
     write_labels(dataset, tmp_path / "label")
     cfg = tiny_sft(encoders=tiny_config(image_model=""), engine="single", epochs=1, num_workers=2)  # loader workers
     manifest = sft(cfg, tmp_path / "prepare", tmp_path / "shards", tmp_path / "label", tmp_path / "sft", seed=0)
@@ -121,9 +123,8 @@ def test_text_only_sft_single_process_and_untuned_encode(tmp_path):
 # ------------------------------------------------------------------ 2 ranks, DeepSpeed on CPU
 
 @pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sft2")
-    dataset = tiny_synth(root)
+def two_rank_run(synth_run, tmp_path_factory):
+    root, dataset = copy_run(synth_run[0], tmp_path_factory.mktemp("sft2")), synth_run[1]
     write_labels(dataset, root / "label")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,13 +10,11 @@ from shards.config import ShardConfig
 from shards.prepared import Item, PreparedDataset, UserSequence
 from shards.reader import EqualBatches, load_index, stream
 from shards.writer import item_key, write_shards
-from tests.helpers import tiny_synth
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    return root, tiny_synth(root)
+def run(synth_run):
+    return synth_run
 
 
 def keys_seen(shard_dir, kind, monkeypatch, rank, world, worker, workers):

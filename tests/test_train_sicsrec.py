@@ -18,6 +18,7 @@ from shards.prepared import PreparedDataset
 from sicsrec.runtime.rundir import read_manifest, run_stage
 from sicsrec.train import Trainer, TrainingInterrupted, load_id_encoder, train_id
 from sicsrec.train_sicsrec import train_sicsrec
+from tests.helpers import copy_run
 from tests.test_train_id import TINY, make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +52,8 @@ def overrides(root: Path, **step2) -> Config:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("step2"))
+def run(step1_run, tmp_path_factory):
+    return copy_run(step1_run, tmp_path_factory.mktemp("step2"))
 
 
 def _losses(out: Path) -> list[float]:
@@ -232,13 +233,13 @@ def test_end_to_end_trains_everything_from_scratch(run):
         train_sicsrec(overrides(run, strategy="fixed_idemb"), force=True)
 
 
-def test_quality_benchmark_rows_seeds_and_merge(tmp_path):
+def test_quality_benchmark_rows_seeds_and_merge(step1_run, tmp_path):
     """benchmarks/quality.py on finished upstream folders: rows x seeds, mean ± std over seeds,
     rows of a later invocation merge into the same JSON, and SICSRec rows reuse the seed's step 1."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import quality
 
-    root = make_run(tmp_path / "run")
+    root = copy_run(step1_run, tmp_path / "run")
     config, out = tmp_path / "tiny.yaml", tmp_path / "quality_tiny.json"
     config.write_text(f"run_dir: {root}\n")
     cfg = overrides(root)

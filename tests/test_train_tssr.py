@@ -27,7 +27,7 @@ from sicsrec.runtime.rundir import run_stage
 from sicsrec.train import TrainingInterrupted
 from shards.collate import ItemInputs, ItemStore, SequenceCollate
 from sicsrec.train_tssr import TSSRLoss, build_recommender, check_config, train_tssr
-from tests.helpers import tiny_synth
+from tests.helpers import copy_run
 from test_encoders import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,9 +46,9 @@ def _log(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tssr")
-    return root, tiny_synth(root)
+def data(synth_run, tmp_path_factory):
+    root, dataset = synth_run
+    return copy_run(root, tmp_path_factory.mktemp("tssr")), dataset
 
 
 def test_bad_configs_give_clear_errors(data, tmp_path):

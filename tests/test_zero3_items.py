@@ -32,7 +32,8 @@ import pytest
 
 from sicsrec.config import TrainConfig
 from tests.test_train_id import TINY, _losses, _torchrun, make_dataset
-from tests.test_train_sicsrec import _cli_sets, make_run
+from tests.helpers import copy_run
+from tests.test_train_sicsrec import _cli_sets
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds per torchrun: a hung collective fails the test instead of blocking it
@@ -126,10 +127,10 @@ def test_zero3_step1_follows_zero2(tmp_path, ds_config):
 
 
 @pytest.mark.slow
-def test_zero3_step2_follows_zero2(tmp_path, ds_config):
+def test_zero3_step2_follows_zero2(step1_run, tmp_path, ds_config):
     """SICSRec step 2 (fixed_id_enc: frozen encoder + LoRA, E_id and the content adapters in the
     L2 term, which its loss reads outside their modules' forwards: SICSRecLoss.external_parameters)."""
-    run = make_run(tmp_path / "run")
+    run = copy_run(step1_run, tmp_path / "run")
     sets = [kv.replace("sicsrec.train.engine=ddp", "sicsrec.train.engine=deepspeed") for kv in _cli_sets(run)]
     sets.append(f"sicsrec.train.ds_config={ds_config}")
     losses, metrics = {}, {}
