@@ -150,9 +150,10 @@ def run_setting(args, env, encoders: EncoderConfig, store: ItemStore, stage: int
     model = build_recommender(cfg, len(store.titles) - 1, encoder)
     loss = TSSRLoss(model, cfg)
     params = sum(p.numel() for p in model.parameters())
-    engine = build_engine(loss, torch.optim.AdamW(loss.parameters(), lr=1e-4), env, kind="deepspeed",
-                          micro_batch=micro, grad_accum=args.grad_accum, grad_clip=1.0,
-                          precision=args.precision, ds_config=args.ds_config, zero_stage=stage)
+    train = dataclasses.replace(cfg.train, engine="deepspeed", batch_size=micro * env.world_size * args.grad_accum,
+                                grad_accum=args.grad_accum, grad_clip=1.0, precision=args.precision,
+                                ds_config=args.ds_config, zero_stage=stage)
+    engine = build_engine(loss, torch.optim.AdamW(loss.parameters(), lr=1e-4), env, train, "tssr.train")
     image = encoder.image
     collate = SequenceCollate(args.max_len, ItemInputs(store, encoder.text.tokenizer, encoder.text.max_len,
                                                   image.transform(train=True) if image else None,
