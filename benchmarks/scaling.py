@@ -90,7 +90,7 @@ def stage_worker(args) -> None:
         link_upstream(cfg, sub, spec.upstream)
     distenv.barrier()
     lr = {"train-id": cfg.train_id.lr, "train-sicsrec": cfg.sicsrec.train.lr, "sft": cfg.sft.lr}[args.stage]
-    cfg = with_batch(cfg, args.stage, args.batch, lr, env.world_size, sub)
+    cfg = with_batch(cfg, args.stage, args.batch, lr, sub)
     start = time.time()
     manifest = run(cfg, args.stage, True)
     if env.is_main:

@@ -167,8 +167,9 @@ def run_setting(args, env, encoders: EncoderConfig, store: ItemStore, dataset: P
     encoder = build_content_encoder(encoders, titles=store.titles[1:])
     _set_grad_checkpointing(encoder, checkpointing)
     cfg = TSSRConfig(hidden=args.hidden, heads=args.heads, uni_layers=args.uni_layers,
-                     multi_layers=args.multi_layers, grad_accum=args.grad_accum)
-    cfg.train = dataclasses.replace(cfg.train, max_len=args.max_len, batch_size=micro * env.world_size,
+                     multi_layers=args.multi_layers)
+    cfg.train = dataclasses.replace(cfg.train, max_len=args.max_len, grad_accum=args.grad_accum,
+                                    batch_size=micro * env.world_size * args.grad_accum,
                                     grad_clip=1.0, precision=args.precision, ds_config=args.ds_config,
                                     engine="deepspeed", zero_stage=stage)
     # work/run: the trainer's run folder (nothing is written there: no checkpoint, no step log)

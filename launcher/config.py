@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,10 @@ def _merge(default, values: dict, where: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
+    removed = sorted(unknown & set(getattr(cls, "REMOVED_FIELDS", {})))
+    if removed:
+        raise ConfigError(f"{where}: {removed} set the model, which this section never read (it trains a model "
+                          f"configured in its parent section; the step-1 model is train_id's): remove them")
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
     changes = {}
@@ -91,6 +96,29 @@ def _set_path(tree: dict, dotted: str, raw: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw)
 
 
+def _migrate(tree: dict) -> None:
+    """Keys of an earlier layout: mapped where the meaning carries over (DeprecationWarning naming
+    the new key), a ConfigError where it does not."""
+    tssr = tree.get("tssr")
+    if isinstance(tssr, dict) and "grad_accum" in tssr:
+        accum = tssr.pop("grad_accum")
+        train = tssr.setdefault("train", {})
+        if not isinstance(train, dict) or not isinstance(accum, int) or "grad_accum" in train:
+            raise ConfigError("tssr.grad_accum is now tssr.train.grad_accum (with tssr.train.batch_size the global "
+                              "batch per optimizer step): set those two instead")
+        micro = train.get("batch_size", TSSRConfig().train.batch_size)  # then: the global micro batch
+        train.update(grad_accum=accum, batch_size=micro * accum if isinstance(micro, int) else micro)
+        warnings.warn(f"tssr.grad_accum is deprecated: it is tssr.train.grad_accum, and tssr.train.batch_size is "
+                      f"now the global batch per optimizer step (micro batch x ranks x grad_accum); read as "
+                      f"tssr.train.grad_accum={accum}, tssr.train.batch_size={train['batch_size']}",
+                      DeprecationWarning, stacklevel=3)
+    sft = tree.get("sft")
+    if isinstance(sft, dict) and "micro_batch" in sft:
+        raise ConfigError(f"sft.micro_batch (pairs per rank) is replaced by sft.batch_size, the global pairs per "
+                          f"optimizer step = micro batch x ranks x sft.grad_accum: set sft.batch_size="
+                          f"{sft['micro_batch']!r} x ranks x grad_accum (one process, no accumulation: the same number)")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (or defaults) and apply `key.sub=value` overrides (values parsed as YAML)."""
     tree: dict = {}
@@ -104,6 +132,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), raw)
+    _migrate(tree)
     cfg = _merge(Config(), tree, "")
     validate(cfg)
     return cfg
@@ -139,7 +168,7 @@ RANGES = {
     "tiny_vocab_size": AT_LEAST_1, "text_max_len": AT_LEAST_1, "image_size": AT_LEAST_0,
     "dropout": FRACTION, "max_len": AT_LEAST_1,
     "lr": POSITIVE, "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0,
-    "batch_size": AT_LEAST_1, "eval_batch_size": AT_LEAST_1, "micro_batch": AT_LEAST_1,
+    "batch_size": AT_LEAST_1, "eval_batch_size": AT_LEAST_1,
     "encode_batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "epochs": AT_LEAST_1, "patience": AT_LEAST_1,
     "steps_per_epoch": AT_LEAST_0, "num_workers": AT_LEAST_0, "zero_stage": Range(-1, 3),
     "temperature": POSITIVE, "temperature_u": POSITIVE, "temperature_i": POSITIVE,
@@ -159,8 +188,9 @@ RANGES_BY_PATH = {
     "label.temperature": AT_LEAST_0,  # LLM sampling: 0 = greedy
     "data.synth.image_size": AT_LEAST_1,
 }
-# Global batches split over ranks: each rank needs at least one sequence.
-GLOBAL_BATCHES = ("train_id.batch_size", "sicsrec.train.batch_size", "tssr.train.batch_size")
+# Global batches per optimizer step, split over ranks (and accumulation steps): each rank needs at
+# least one example per step. Their exact split: sicsrec.config.micro_batch_per_rank, at run time.
+GLOBAL_BATCHES = ("train_id.batch_size", "sicsrec.train.batch_size", "tssr.train.batch_size", "sft.batch_size")
 
 
 def _numeric_fields(section, where: str = ""):
@@ -186,7 +216,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             section = getattr(section, key)
         if section < world_size:
             raise ConfigError(f"{path}={section} is smaller than the world size {world_size}: every rank needs "
-                              f"at least one sequence per step")
+                              f"at least one example per step")
     if cfg.data.synth.max_seq_len < cfg.data.synth.min_seq_len:
         raise ConfigError(f"data.synth.max_seq_len={cfg.data.synth.max_seq_len} is below "
                           f"data.synth.min_seq_len={cfg.data.synth.min_seq_len}")

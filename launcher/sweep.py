@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.config import Config
+from sicsrec.config import micro_batch_per_rank
 from sicsrec.runtime import dist as distenv
 from sicsrec.runtime.rundir import read_manifest, write_json
 
@@ -84,34 +85,36 @@ def _stage_spec(stage: str) -> SweepStage:
     return SWEEP_STAGES[stage]
 
 
-def base_settings(cfg: Config, stage: str, world_size: int) -> tuple[int, float]:
+def _section(cfg: Config, stage: str):
+    """(the stage's training section, its config path)."""
+    return {"train-id": (cfg.train_id, "train_id"), "train-sicsrec": (cfg.sicsrec.train, "sicsrec.train"),
+            "sft": (cfg.sft, "sft")}[stage]
+
+
+def base_settings(cfg: Config, stage: str) -> tuple[int, float]:
     """(global batch, lr) the config gives the stage."""
-    if stage == "train-id":
-        return cfg.train_id.batch_size, cfg.train_id.lr
-    if stage == "train-sicsrec":
-        return cfg.sicsrec.train.batch_size, cfg.sicsrec.train.lr
-    return cfg.sft.micro_batch * cfg.sft.grad_accum * world_size, cfg.sft.lr
+    section, _ = _section(cfg, stage)
+    return section.batch_size, section.lr
 
 
-def with_batch(cfg: Config, stage: str, batch: int, lr: float, world_size: int, run_dir: Path) -> Config:
+def with_batch(cfg: Config, stage: str, batch: int, lr: float, run_dir: Path) -> Config:
     """A copy of cfg whose stage trains with global batch `batch` at `lr`, in `run_dir`."""
     replace = dataclasses.replace
+    section = replace(_section(cfg, stage)[0], batch_size=batch, lr=lr)
     if stage == "train-id":
-        cfg = replace(cfg, train_id=replace(cfg.train_id, batch_size=batch, lr=lr))
+        cfg = replace(cfg, train_id=section)
     elif stage == "train-sicsrec":
-        cfg = replace(cfg, sicsrec=replace(cfg.sicsrec, train=replace(cfg.sicsrec.train, batch_size=batch, lr=lr)))
+        cfg = replace(cfg, sicsrec=replace(cfg.sicsrec, train=section))
     else:
-        per_step = world_size * cfg.sft.grad_accum
-        cfg = replace(cfg, sft=replace(cfg.sft, micro_batch=batch // per_step, lr=lr))
+        cfg = replace(cfg, sft=section)
     return replace(cfg, run_dir=str(run_dir))
 
 
-def check_batches(stage: str, batches: list[int], world_size: int, grad_accum: int = 1) -> None:
-    unit = world_size * (grad_accum if stage == "sft" else 1)
-    bad = [b for b in batches if b % unit]
-    if bad:
-        what = f"world size {world_size}" + (f" x sft.grad_accum {grad_accum}" if unit != world_size else "")
-        raise ValueError(f"global batch size(s) {bad} are not divisible by the {what}")
+def check_batches(cfg: Config, stage: str, batches: list[int], world_size: int) -> None:
+    """Every batch splits into whole micro batches (ranks x the section's grad_accum)."""
+    section, where = _section(cfg, stage)
+    for batch in batches:
+        micro_batch_per_rank(batch, section.grad_accum, world_size, where)
 
 
 def sweep_dir(cfg: Config, stage: str) -> Path:
@@ -207,15 +210,15 @@ def run_one(cfg: Config, stage: str, batch: int, rule: str, base_batch: int | No
 
     spec = _stage_spec(stage)
     env = distenv.init(distenv.detect())
-    config_batch, base_lr = base_settings(cfg, stage, env.world_size)
+    config_batch, base_lr = base_settings(cfg, stage)
     base_batch = base_batch or config_batch
-    check_batches(stage, [batch], env.world_size, cfg.sft.grad_accum)
+    check_batches(cfg, stage, [batch], env.world_size)
     lr = scaled_lr(base_lr, base_batch, batch, rule)
     sub = sweep_dir(cfg, stage) / run_name(batch, rule)
     if env.is_main:
         link_upstream(cfg, sub, spec.upstream)
     distenv.barrier()
-    sub_cfg = with_batch(cfg, stage, batch, lr, env.world_size, sub)
+    sub_cfg = with_batch(cfg, stage, batch, lr, sub)
     old_row = json.loads((sub / ROW_FILE).read_text()) if (sub / ROW_FILE).exists() else None
     log.info("sweep %s: global batch %d, lr %.3g (%s rule from %.3g at batch %d), world size %d -> %s",
              stage, batch, lr, rule, base_lr, base_batch, env.world_size, sub)
@@ -361,7 +364,7 @@ def sweep_batch(cfg: Config, stage: str, batches: list[int], rule: str = "none",
     if collect_only:
         return collect(cfg, stage, batches, rule) if distenv.detect().is_main else None
     env = distenv.init(distenv.detect())
-    check_batches(stage, batches, env.world_size, cfg.sft.grad_accum)
+    check_batches(cfg, stage, batches, env.world_size)
     for batch in batches if index is None else [batches[index]]:
         run_one(cfg, stage, batch, rule, base_batch, force)
     if index is not None or not env.is_main:

@@ -7,32 +7,53 @@ from typing import ClassVar, Protocol
 
 
 @dataclass
-class TrainConfig:
-    """Section `train_id`: SICSRec step 1, SASRec / GRU4Rec ID encoder with full-softmax CE."""
-    model: str = "sasrec"  # sasrec | gru4rec
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 2
-    ffn_dim: int = 0  # SASRec FFN inner size; 0 = hidden (paper eq. 9); RecBole uses 4*hidden
-    activation: str = "relu"  # SASRec FFN: relu (paper) | gelu (RecBole)
-    dropout: float = 0.5
-    max_len: int = 50
-    windows: str = "last"  # training rows (shards.windows): last | all (every train item a target) | prefix (RecBole)
+class OptimConfig:
+    """Optimisation keys, shared by the training sections (flat in their YAML: `train_id.lr`)."""
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # 0 = off
-    batch_size: int = 256  # global batch (split over ranks)
+    # GLOBAL examples per optimizer step: all ranks and all accumulated micro batches together.
+    # Each rank's micro batch is batch_size / (world size x grad_accum): micro_batch_per_rank.
+    batch_size: int = 256
+    grad_accum: int = 1  # micro batches per optimizer step (needs engine=deepspeed)
     epochs: int = 50
+
+
+@dataclass
+class EngineConfig:
+    """Engine keys (sicsrec.engine.build_engine), shared by the training sections."""
+    engine: str = "auto"  # auto | single | ddp | deepspeed
+    precision: str = "auto"  # auto (bf16 on a capable GPU, else fp32) | bf16 | fp32
+    ds_config: str = "ds_config.json"
+    zero_stage: int = -1  # -1 = the stage in ds_config
+
+
+def micro_batch_per_rank(batch_size: int, grad_accum: int, world_size: int, where: str) -> int:
+    """Each rank's micro batch from the global batch per optimizer step `<where>.batch_size`: the
+    one place it is derived (trainers and build_engine)."""
+    if grad_accum < 1:
+        raise ValueError(f"{where}.grad_accum must be >= 1, got {grad_accum}")
+    per_step = world_size * grad_accum
+    if batch_size % per_step:
+        raise ValueError(f"{where}.batch_size={batch_size} is not divisible by world size {world_size} x "
+                         f"{where}.grad_accum={grad_accum}: it is the global batch per optimizer step "
+                         f"(micro batch per rank x ranks x grad_accum)")
+    return batch_size // per_step
+
+
+@dataclass
+class SequenceTrainConfig(OptimConfig, EngineConfig):
+    """How a next-item recommender is trained: optimisation, engine, training windows, next-item
+    CE, early stopping and evaluation. Section `sicsrec.train` / `tssr.train` as it is (their
+    models are configured in their parent sections); `train_id` adds the step-1 model (TrainConfig)."""
     patience: int = 10  # early stopping on validation NDCG@10
+    max_len: int = 50
+    windows: str = "last"  # training rows (shards.windows): last | all (every train item a target) | prefix (RecBole)
     eval_batch_size: int = 512
     mask_history: bool = False  # mask the user's history items at evaluation (RecBole sequential: no)
     eval_item_chunk: int = 65536  # items scored per [users x items] block at evaluation; 0 = all in one
     eval_users: int = 0  # validation on a fixed seeded sample of this many users (0 = all)
     test_users: int = 0  # test on a fixed seeded sample of this many users (0 = all; stated in metrics.json)
-    engine: str = "auto"  # auto | single | ddp | deepspeed
-    precision: str = "auto"  # auto (bf16 on a capable GPU, else fp32) | bf16 | fp32
-    ds_config: str = "ds_config.json"
-    zero_stage: int = -1  # -1 = the stage in ds_config
     # Next-item CE (sicsrec.next_item): full = the [targets x (N+1)] logits (exact) | chunked = the
     # same loss and gradients, loss_chunk target rows at a time | sampled = num_negatives shared
     # negatives (drawn by sampler: uniform | popularity) + the global batch's positives, logQ-corrected
@@ -46,16 +67,37 @@ class TrainConfig:
     # the table), the rest by AdamW (sicsrec.optim); the candidates' logits are computed loss_chunk
     # target rows at a time. Per-step memory then no longer grows with N (sicsrec.next_item).
     sparse_item_grad: bool = False
-    # E_id's initial weights: random (normal, std 0.02) | pca (a PCA of the cached content
-    # embeddings, <run_dir>/embeddings, scaled to the same std: sicsrec.embedding_cache.content_pca;
-    # needs the encode stage first). Step 1 only.
-    item_init: str = "random"
     # pad each batch (train and evaluation) to its longest history instead of max_len: the same
     # model function on the real positions (positions count from the oldest item, padding keys are
     # masked), far less compute where histories are short (NineRec: ~6 items at max_len 50); off
     # by default because dropout then draws other random numbers (runs differ from earlier ones)
     trim_padding: bool = False
-    ADDED_FIELDS: ClassVar[dict] = {"item_init": "random", "trim_padding": False}  # see SICSRecConfig
+    # fields added after run directories existed: left out of the stage fingerprint at these
+    # defaults (sicsrec.runtime.rundir.fingerprinted), so those runs are not redone
+    ADDED_FIELDS: ClassVar[dict] = {"trim_padding": False, "grad_accum": 1}
+    # the step-1 model keys these sections carried (and ignored) before they were split off: back in
+    # the fingerprint at their old defaults (earlier runs are not redone); setting one is a ConfigError
+    REMOVED_FIELDS: ClassVar[dict] = {"model": "sasrec", "hidden": 64, "layers": 2, "heads": 2, "ffn_dim": 0,
+                                      "activation": "relu", "dropout": 0.5}
+
+
+@dataclass
+class TrainConfig(SequenceTrainConfig):
+    """Section `train_id`: SICSRec step 1, SASRec / GRU4Rec ID encoder with full-softmax CE; the
+    model keys here, the training keys of SequenceTrainConfig (optimisation, engine, ...) beside them."""
+    model: str = "sasrec"  # sasrec | gru4rec
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    ffn_dim: int = 0  # SASRec FFN inner size; 0 = hidden (paper eq. 9); RecBole uses 4*hidden
+    activation: str = "relu"  # SASRec FFN: relu (paper) | gelu (RecBole)
+    dropout: float = 0.5
+    # E_id's initial weights: random (normal, std 0.02) | pca (a PCA of the cached content
+    # embeddings, <run_dir>/embeddings, scaled to the same std: sicsrec.embedding_cache.content_pca;
+    # needs the encode stage first). Step 1 only.
+    item_init: str = "random"
+    ADDED_FIELDS: ClassVar[dict] = {**SequenceTrainConfig.ADDED_FIELDS, "item_init": "random"}
+    REMOVED_FIELDS: ClassVar[dict] = {}
 
 
 @dataclass
@@ -77,22 +119,20 @@ class EncoderConfig:
 
 
 @dataclass
-class SFTConfig:
-    """Section `sft`: encoder supervised fine-tuning with t2t, i2i, t2i InfoNCE (§3.3.2)."""
+class SFTConfig(OptimConfig, EngineConfig):
+    """Section `sft`: encoder supervised fine-tuning with t2t, i2i, t2i InfoNCE (§3.3.2).
+    batch_size: labelled pairs per optimizer step over all ranks and accumulation steps."""
     temperature: float = 0.05
     normalize: bool = True  # cosine similarity; False = the paper's raw inner product
     symmetric: bool = False  # also contrast b->a in each term (eq. 2-4 are one-directional)
     mask_duplicates: bool = True  # the same item elsewhere in the global batch is not a negative
     lr: float = 5e-5
     weight_decay: float = 0.01
-    grad_clip: float = 1.0  # 0 = off
-    micro_batch: int = 16  # per rank
-    grad_accum: int = 1  # needs engine=deepspeed
+    grad_clip: float = 1.0
+    batch_size: int = 16
     epochs: int = 1
     engine: str = "deepspeed"  # deepspeed | ddp | single | auto
-    precision: str = "auto"  # auto (bf16 on a capable GPU, else fp32) | bf16 | fp32
-    zero_stage: int = 2  # -1 = the stage in ds_config
-    ds_config: str = "ds_config.json"
+    zero_stage: int = 2
     holdout_fraction: float = 0.1  # labelled pairs held out (by seed) to measure retrieval before/after SFT
     pairs_per_shard: int = 500  # lowered automatically so every rank x worker gets a shard
     num_workers: int = 0  # data-loader workers per rank (decode + transform + tokenise)
@@ -109,14 +149,14 @@ class EncodeConfig:
     precision: str = "auto"
 
 
-def _step2_training() -> TrainConfig:
-    return TrainConfig(batch_size=1024)
+def _step2_training() -> SequenceTrainConfig:
+    return SequenceTrainConfig(batch_size=1024)
 
 
 @dataclass
 class SICSRecConfig:
     """Section `sicsrec`: step 2 (§3.5). The ID encoder is the step-1 model (section `train_id`);
-    `train` holds the optimisation settings (its model fields are not used here).
+    `train` holds the optimisation, engine and evaluation settings.
     Loss (eq. 19): L = L_CE + alpha L_ConCL + lambda ||Theta||^2, Theta = {E_id, E_text, E_image}
     (those of them that train under `strategy`)."""
     content_layers: int = 2
@@ -161,22 +201,22 @@ class SICSRecConfig:
     # fixed_content = fixed_content_emb_enc (with reg_id_emb=false for its exact earlier loss).
     strategy: str = "fixed_id_enc"
     aggregate_init: str = "identity"  # identity: h_a = h_e at the start (step 2 starts at step 1) | random
-    train: TrainConfig = field(default_factory=_step2_training)
+    train: SequenceTrainConfig = field(default_factory=_step2_training)
     # fields added after run directories existed: left out of the stage fingerprint at these
     # defaults (sicsrec.runtime.rundir.fingerprinted), so those runs are not redone
     ADDED_FIELDS: ClassVar[dict] = {"content_tables": "frozen"}
 
 
-def _tssr_training() -> TrainConfig:
-    return TrainConfig(max_len=10, lr=1e-4, batch_size=128, epochs=20, patience=5, engine="deepspeed", zero_stage=2)
+def _tssr_training() -> SequenceTrainConfig:
+    return SequenceTrainConfig(max_len=10, lr=1e-4, batch_size=128, epochs=20, patience=5, engine="deepspeed", zero_stage=2)
 
 
 @dataclass
 class TSSRConfig:
     """Section `tssr`: TSSR end-to-end two-stream training (TSSR paper §3). `train` holds the
-    optimisation settings (engine, ZeRO stage, lr, global micro batch, epochs, max_len); its
-    ID-model fields (model, hidden, layers, heads, ffn_dim, activation, dropout, windows) are
-    not used here. The in-loop encoders are built from `sft.encoders` (or loaded from <run_dir>/sft)."""
+    optimisation, engine and evaluation settings (engine, ZeRO stage, lr, global batch per
+    optimizer step with grad_accum, epochs, max_len; windows must stay `last`). The in-loop
+    encoders are built from `sft.encoders` (or loaded from <run_dir>/sft)."""
     content: str = "end_to_end"  # end_to_end (encoders run in the loop and train) | cache (frozen <run_dir>/embeddings)
     use_text: bool = True
     use_image: bool = True
@@ -192,11 +232,20 @@ class TSSRConfig:
     lambda_ce: float = 1.0  # weight of the next-item cross-entropy
     temperature_u: float = 0.2
     temperature_i: float = 0.2
-    grad_accum: int = 1  # micro batches per optimizer step (needs train.engine=deepspeed)
     steps_per_epoch: int = 0  # 0 = one pass over the train shards; >0 caps the micro batches per epoch
     num_workers: int = 0  # data-loader workers per rank (decode + transform + tokenise the step's items)
     encode_batch_size: int = 64  # items per forward when encoding every item for evaluation
-    train: TrainConfig = field(default_factory=_tssr_training)
+    train: SequenceTrainConfig = field(default_factory=_tssr_training)
+
+    @staticmethod
+    def legacy_fingerprint(fields: dict) -> dict:
+        """The fingerprinted section in its layout from before grad_accum moved into `train`
+        (`tssr.grad_accum`, `train.batch_size` = the global micro batch), so runs made then with
+        the same meaning keep their fingerprint (sicsrec.runtime.rundir.fingerprinted)."""
+        train = dict(fields["train"])
+        accum = train.pop("grad_accum", 1)
+        train["batch_size"] //= accum
+        return dict(fields, train=train, grad_accum=accum)
 
 
 class RunConfig(Protocol):

@@ -1,7 +1,7 @@
 """One training engine for every trainer: a single process, DDP, or DeepSpeed (ZeRO).
 
-    engine = build_engine(model, torch.optim.AdamW(model.parameters(), lr), env, kind="ddp",
-                          micro_batch=64)
+    # cfg: a training section (its OptimConfig and EngineConfig keys), e.g. the TrainConfig of train_id
+    engine = build_engine(model, torch.optim.AdamW(model.parameters(), cfg.lr), env, cfg, "train_id")
     out = engine(*batch)          # forward through the wrapper (DDP / DeepSpeed) under autocast
     engine.backward(loss); engine.step()
     engine.save(ckpt_dir, {"epoch": 3}); client_state = engine.load(ckpt_dir)
@@ -15,7 +15,8 @@ finds the newest unreadable (a kill during the write, a full disk) falls back to
 with a warning, and one that finds none readable says so, naming the file (--force restarts).
 
 DeepSpeed reads a JSON config (default `ds_config.json` at the repository root) whose "auto"
-values are filled here: micro batch, gradient accumulation, global batch, clipping and bf16.
+values are filled here: micro batch (sicsrec.config.micro_batch_per_rank of the section's global
+batch_size), gradient accumulation, global batch, clipping and bf16.
 On CPU, DeepSpeed needs DS_ACCELERATOR=cpu (set here before it is imported) and a torch
 optimizer (`zero_allow_untested_optimizer`); it uses the gloo group that sicsrec.runtime.dist created.
 Gradient accumulation > 1 is DeepSpeed's job; the single and DDP engines step every micro batch.
@@ -41,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sicsrec.config import OptimConfig, micro_batch_per_rank
 from sicsrec.runtime.dist import DistEnv, device as env_device
 
 KINDS = ("auto", "single", "ddp", "deepspeed")
@@ -323,11 +325,15 @@ def _all_ranks_ok(ok: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, kind: str = "auto",
-                 micro_batch: int = 1, grad_accum: int = 1, grad_clip: float = 0.0, precision: str = "auto",
-                 ds_config: str | Path = "ds_config.json", zero_stage: int | None = None) -> Engine:
-    """Move `module` to this rank's device and wrap it. kind "auto" = DDP when distributed, else
-    single. `optimizer` must already hold `module`'s parameters. micro_batch is per rank."""
+def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, cfg: OptimConfig,
+                 where: str = "train") -> Engine:
+    """Move `module` to this rank's device and wrap it. `cfg` is a training section (config
+    section `where`, named in errors): its OptimConfig keys batch_size (global per optimizer
+    step), grad_accum, grad_clip and its EngineConfig keys engine, precision, ds_config,
+    zero_stage. engine "auto" = DDP when distributed, else single. `optimizer` must already hold
+    `module`'s parameters."""
+    kind, grad_accum, grad_clip = cfg.engine, cfg.grad_accum, cfg.grad_clip
+    micro_batch = micro_batch_per_rank(cfg.batch_size, grad_accum, env.world_size, where)
     if kind not in KINDS:
         raise ValueError(f"engine must be one of {KINDS}, got {kind!r}")
     if kind == "auto":
@@ -335,9 +341,9 @@ def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, env: DistE
     if kind == "ddp" and not env.distributed:
         kind = "single"  # DDP over one process is a single process
     if kind != "deepspeed" and grad_accum != 1:
-        raise ValueError("gradient accumulation needs engine=deepspeed")
+        raise ValueError(f"{where}.grad_accum={grad_accum} needs {where}.engine=deepspeed (got {cfg.engine!r})")
     device = env_device(env)
-    dtype = resolve_precision(precision, device)
+    dtype = resolve_precision(cfg.precision, device)
     module.to(device)
     if kind == "single":
         return Engine(module, optimizer, kind, env, device, dtype, module, grad_clip=grad_clip)
@@ -359,8 +365,8 @@ def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, env: DistE
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(env.world_size)))
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else
                                ("nccl" if device.type == "cuda" else "gloo"), verbose=False)
-    config = load_ds_config(ds_config, micro_batch, grad_accum, env.world_size, grad_clip,
-                            dtype == torch.bfloat16, zero_stage)
+    config = load_ds_config(cfg.ds_config, micro_batch, grad_accum, env.world_size, grad_clip,
+                            dtype == torch.bfloat16, None if cfg.zero_stage < 0 else cfg.zero_stage)
     ds_engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
     if ds_engine.zero_optimization_stage() == 3:
         # what the module's forward uses outside the forward of the submodule owning it (a loss

@@ -5,7 +5,8 @@
 2. rank 0 writes pair shards of the rest into out_dir/pairs, which `EqualBatches` streams with
    the same number of micro batches on every rank (train image transform, tokenised per batch);
 3. trains t2t + i2i + t2i InfoNCE (`sicsrec.losses.sft_loss`, negatives pooled over ranks)
-   under the engine (DeepSpeed ZeRO by default; gradient accumulation), checkpointing every
+   under the engine (DeepSpeed ZeRO by default; sft.batch_size pairs per optimizer step over all
+   ranks and sft.grad_accum micro batches), checkpointing every
    epoch (model, optimizer, epoch, step, RNG) so a killed run resumes to the same weights; on
    SIGTERM / SIGUSR1 (sicsrec.preemption) all ranks stop at the same accumulation boundary,
    checkpoint their position inside the epoch and exit with status 75; the re-run streams past
@@ -37,7 +38,7 @@ from shards.collate import PairCollate
 from shards.pairs import write_pair_shards
 from shards.prepared import PreparedDataset, prepared_input
 from shards.reader import EqualBatches, StreamedEpoch, load_index, shards_input, stream
-from sicsrec.config import SFTConfig
+from sicsrec.config import SFTConfig, micro_batch_per_rank
 from sicsrec.encode import ItemEmbeddings, embed_items, from_main, initial_encoder
 from sicsrec.engine import Engine, RunCheckpoint, build_engine
 from sicsrec.loop import TrainLoop, fit_summary
@@ -103,27 +104,26 @@ class SFTTrainer(TrainLoop):
 
     def __init__(self, cfg: SFTConfig, dataset: PreparedDataset, shard_dir: Path, held_out: list[tuple[int, int]],
                  out: Path, seed: int, env, run_id: str):
-        if cfg.epochs < 1 or cfg.micro_batch < 1 or cfg.grad_accum < 1:
-            raise ValueError("sft.epochs, sft.micro_batch and sft.grad_accum must be >= 1")
+        if cfg.epochs < 1:
+            raise ValueError("sft.epochs must be >= 1")
+        micro = micro_batch_per_rank(cfg.batch_size, cfg.grad_accum, env.world_size, "sft")
         self.cfg, self.shard_dir, self.held_out, self.out, self.seed, self.env, self.run_id = \
             cfg, shard_dir, held_out, out, seed, env, run_id
         self.num_items, self.epochs = dataset.num_items, cfg.epochs
         model = initial_encoder(cfg.encoders, dataset, seed)
         self.reference = copy.deepcopy(model) if env.is_main else None  # rank 0's plain copy for eval and save
-        self.batches = EqualBatches(out / "pairs", "pairs", cfg.micro_batch, env.rank, env.world_size,
+        self.batches = EqualBatches(out / "pairs", "pairs", micro, env.rank, env.world_size,
                                     num_workers=cfg.num_workers, seed=seed, skip_bad_images=False,
                                     collate=PairCollate(model, seed))
         self.steps_per_epoch = len(self.batches) // cfg.grad_accum * cfg.grad_accum  # no accumulation spans epochs
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.batches)} micro batches per rank cannot fill grad_accum={cfg.grad_accum}")
+            raise ValueError(f"{len(self.batches)} micro batches per rank cannot fill sft.grad_accum={cfg.grad_accum}; "
+                             f"lower sft.batch_size")
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-        self.engine: Engine = build_engine(model, optimizer, env, cfg.engine, micro_batch=cfg.micro_batch,
-                                           grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-                                           precision=cfg.precision, ds_config=cfg.ds_config,
-                                           zero_stage=None if cfg.zero_stage < 0 else cfg.zero_stage)
+        self.engine: Engine = build_engine(model, optimizer, env, cfg, "sft")
         # dropout / augmentation streams differ per rank; timm's crops draw from python's random
         for seed_fn in (torch.manual_seed, random.seed, np.random.seed):
             seed_fn(seed * 1000 + env.rank)

@@ -2,11 +2,13 @@
 
 `train_id(cfg, prepared_dir, out_dir, seed)` runs as one process, under `torchrun` with DDP
 (gloo on CPU, nccl on GPU) or with DeepSpeed (`ds_config.json`). Per step:
-- the global batch (cfg.batch_size windows, order a function of (seed, epoch)) is split over
-  ranks; a final global batch smaller than the world size is dropped so every rank has work;
-- the loss is the mean CE over all target positions of the global batch: each rank scales its
-  CE sum by world_size / (global target count), and DDP/DeepSpeed average the gradients, so any
-  world size follows the same loss curve as one process on the same global batch.
+- the global batch per optimizer step (cfg.batch_size windows, order a function of (seed, epoch))
+  is split over ranks and cfg.grad_accum micro batches (DeepSpeed accumulates); a final micro
+  batch smaller than the world size is dropped so every rank has work;
+- the loss is the mean CE over all target positions of the global (micro) batch: each rank scales
+  its CE sum by world_size / (global target count), and DDP/DeepSpeed average the gradients, so
+  any world size follows the same loss curve as one process on the same global batch (with
+  grad_accum > 1 DeepSpeed averages the micro batches' losses of an optimizer step).
 After each epoch: validation Hit/NDCG@5/10/20 (sharded over ranks), early stopping on NDCG@10
 with `patience`, the best weights in `best_model.pt`, and a checkpoint (model, optimizer, epoch,
 best metric, patience counter, RNG states) from which a killed run resumes to the same result.
@@ -28,7 +30,7 @@ from torch import nn
 
 from shards.prepared import PreparedDataset, prepared_input
 from shards.windows import collate, epoch_batches, rank_slice, train_windows, trim_left_padding
-from sicsrec.config import TrainConfig
+from sicsrec.config import SequenceTrainConfig, TrainConfig, micro_batch_per_rank
 from sicsrec.embedding_cache import content_pca, load_embedding_cache
 from sicsrec.engine import RunCheckpoint, build_engine
 from sicsrec.evaluate import evaluate
@@ -67,12 +69,12 @@ class Trainer(TrainLoop):
     module, validation after every epoch, early stopping and the best weights on valid NDCG@10."""
     config_section = "train_id"  # where `cfg` sits in the config (named in errors); subclasses override
 
-    def __init__(self, cfg: TrainConfig, dataset: PreparedDataset, out_dir: Path, seed: int, env, run_id: str,
+    def __init__(self, cfg: SequenceTrainConfig, dataset: PreparedDataset, out_dir: Path, seed: int, env, run_id: str,
                  content: dict | None = None):
-        if cfg.batch_size % env.world_size:
-            raise ValueError(f"train_id.batch_size {cfg.batch_size} is not divisible by the world size {env.world_size}")
+        where = self.config_section
+        self.micro_batch = micro_batch_per_rank(cfg.batch_size, cfg.grad_accum, env.world_size, where)
         if cfg.patience < 1 or cfg.epochs < 1:
-            raise ValueError("train_id.epochs and train_id.patience must be >= 1")
+            raise ValueError(f"{where}.epochs and {where}.patience must be >= 1")
         self.cfg, self.dataset, self.out, self.seed, self.env, self.run_id = cfg, dataset, out_dir, seed, env, run_id
         self.content = content  # the embedding cache E_id starts from (train_id.item_init=pca)
         self.windows = train_windows(dataset, cfg.max_len, cfg.windows)
@@ -83,10 +85,7 @@ class Trainer(TrainLoop):
         # how the loss module computes its next-item CE (`<section>.loss`; sicsrec.next_item)
         loss_module.criterion = NextItemCriterion.from_config(cfg, dataset, self.config_section)
         optimizer = build_optimizer(loss_module, cfg)
-        self.engine = build_engine(loss_module, optimizer, env, cfg.engine,
-                                   micro_batch=cfg.batch_size // env.world_size, grad_clip=cfg.grad_clip,
-                                   precision=cfg.precision, ds_config=cfg.ds_config,
-                                   zero_stage=None if cfg.zero_stage < 0 else cfg.zero_stage)
+        self.engine = build_engine(loss_module, optimizer, env, cfg, where)
         torch.manual_seed(seed * 1000 + env.rank)  # dropout streams differ per rank
         self.checkpoint = RunCheckpoint(self.engine, out_dir / "checkpoint", run_id, env)
         self.epochs = cfg.epochs
@@ -129,12 +128,14 @@ class Trainer(TrainLoop):
                             trim_padding=cfg.trim_padding)
 
     def epoch_batches(self, epoch: int) -> LazyBatches:
-        """This epoch's global batches (order a function of seed and epoch), the same count on every
-        rank, each made (this rank's slice collated) when indexed. Subclasses that stream their
-        data (TSSR from shards) override this."""
+        """This epoch's global micro batches (order a function of seed and epoch; batch_size /
+        grad_accum windows each), the same count on every rank, each made (this rank's slice
+        collated) when indexed; whole accumulations only. Subclasses that stream their data (TSSR
+        from shards) override this."""
         env, cfg = self.env, self.cfg
-        batches = [b for b in epoch_batches(len(self.windows), cfg.batch_size, self.seed, epoch)
+        batches = [b for b in epoch_batches(len(self.windows), self.micro_batch * env.world_size, self.seed, epoch)
                    if len(b) >= env.world_size]
+        batches = batches[:len(batches) // cfg.grad_accum * cfg.grad_accum]  # no accumulation spans two epochs
 
         def local(index: int) -> dict:
             rows = rank_slice(batches[index], env.rank, env.world_size)
@@ -243,6 +244,11 @@ class Trainer(TrainLoop):
             tb.flush()
         self.save()
 
+    @property
+    def model_name(self) -> str:
+        """The trained model's name in metrics.json (step 2 and TSSR name theirs)."""
+        return self.cfg.model
+
     @staticmethod
     def model_state(full_state: dict) -> dict:
         """NextItemLoss's state dict -> the recommender's own (drop the `recommender.` prefix)."""
@@ -261,7 +267,7 @@ class Trainer(TrainLoop):
         epochs = [h for h in history if not h.get("start")]  # the start evaluation is no epoch
         train_seconds = max(sum(h["seconds"] for h in epochs), 1e-9)
         metrics = {
-            "model": cfg.model, "engine": self.engine.kind, "zero_stage": self.engine.zero_stage,
+            "model": self.model_name, "engine": self.engine.kind, "zero_stage": self.engine.zero_stage,
             "world_size": env.world_size,
             "best_epoch": state["best_epoch"], "epochs_run": len(epochs), "early_stopped": state["stopped"],
             "valid": valid, "test": test,

@@ -198,6 +198,7 @@ class SICSRecTrainer(Trainer):
     trained model (`starts_at_step1`) has its start evaluated and selectable (Trainer.starts_trained)."""
 
     config_section = "sicsrec.train"
+    model_name = "sicsrec"
 
     def __init__(self, cfg: SICSRecConfig, id_encoder, tables: dict, *args, phase: str = "",
                  init_state: dict | None = None):

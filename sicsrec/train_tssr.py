@@ -18,7 +18,8 @@ The content feature of an item is the concatenation of its text and image featur
 items without a decodable image); `tssr.use_text` / `tssr.use_image` pick the parts.
 
 Loss (eq. 4): L = lambda_u L_u + lambda_i L_i + lambda_ce L_ce, where L_ce is the mean next-item
-cross-entropy over every real target position of the global micro batch, and L_u (eq. 1,
+cross-entropy over every real target position of the global micro batch (DeepSpeed averages
+the tssr.train.grad_accum micro batches of an optimizer step), and L_u (eq. 1,
 cosine, both directions) and L_i (eq. 2, inner product, both directions) use negatives pooled
 across ranks (`sicsrec.losses`). The step-1 Trainer's loss module contract is (CE sum, #targets,
 extra): here CE sum = lambda_ce x the CE sum and extra = lambda_u L_u + lambda_i L_i, so the
@@ -26,7 +27,8 @@ per-step `loss` in train_log.jsonl is exactly L; in the epoch history `loss` is
 lambda_ce x L_ce and `extra_loss` is lambda_u L_u + lambda_i L_i (epoch means).
 
 Everything else is the step-1 Trainer's (sicsrec/train.py, on the one loop sicsrec/loop.py): the engine (DeepSpeed ZeRO by
-default; `tssr.grad_accum` micro batches per optimizer step), early stopping on validation
+default; `tssr.train.batch_size` sequences per optimizer step over all ranks and
+`tssr.train.grad_accum` micro batches), early stopping on validation
 NDCG@10, per-epoch checkpoints and exact resume, the progress bar. metrics.json adds the peak
 memory of every rank (CUDA max allocated on GPU, peak RSS of the process on CPU).
 """
@@ -72,19 +74,15 @@ def check_config(cfg: TSSRConfig, encoders: EncoderConfig | None = None) -> None
             and encoders.image_model.lower() in NO_IMAGE:
         raise ValueError("tssr.use_image=true needs an image encoder but sft.encoders.image_model is empty; "
                          "set tssr.use_image=false for a text-only run")
-    if cfg.grad_accum < 1 or cfg.steps_per_epoch < 0 or cfg.num_workers < 0 or cfg.encode_batch_size < 1:
-        raise ValueError("tssr.grad_accum and tssr.encode_batch_size must be >= 1; tssr.steps_per_epoch and "
-                         "tssr.num_workers >= 0")
-    if cfg.grad_accum > 1 and cfg.train.engine != "deepspeed":
-        raise ValueError(f"tssr.grad_accum={cfg.grad_accum} needs tssr.train.engine=deepspeed "
-                         f"(got {cfg.train.engine!r})")
+    if cfg.steps_per_epoch < 0 or cfg.num_workers < 0 or cfg.encode_batch_size < 1:
+        raise ValueError("tssr.encode_batch_size must be >= 1; tssr.steps_per_epoch and tssr.num_workers >= 0")
     if min(cfg.lambda_u, cfg.lambda_i, cfg.lambda_ce) < 0 or cfg.lambda_u + cfg.lambda_i + cfg.lambda_ce == 0:
         raise ValueError("tssr.lambda_u, lambda_i, lambda_ce must be >= 0 and not all 0")
     if min(cfg.temperature_u, cfg.temperature_i) <= 0:
         raise ValueError("tssr.temperature_u and tssr.temperature_i must be > 0")
-    if cfg.train.windows != "last":
-        raise ValueError("TSSR streams one window per user (the last max_len+1 train items): "
-                         "tssr.train.windows must be 'last'")
+    if cfg.train.windows != "last" or cfg.train.trim_padding:
+        raise ValueError("TSSR streams one window per user (the last max_len+1 train items), padded to max_len: "
+                         "tssr.train.windows must be 'last' and tssr.train.trim_padding false")
 
 
 # ---------------------------------------------------------------- item inputs
@@ -267,10 +265,7 @@ class TSSRTrainer(Trainer):
         check_config(cfg)
         self.tssr_cfg, self.source, self.store = cfg, source, store
         super().__init__(cfg.train, *args)
-        env = self.env
-        micro = cfg.train.batch_size // env.world_size
-        if cfg.grad_accum > 1:  # the Trainer builds its engine without accumulation: DeepSpeed's own setter
-            self.engine.ds.set_train_batch_size(micro * env.world_size * cfg.grad_accum)
+        env, accum = self.env, cfg.train.grad_accum
         item_inputs = None
         if cfg.content == "end_to_end":
             content = self.model.content
@@ -278,14 +273,16 @@ class TSSRTrainer(Trainer):
             item_inputs = ItemInputs(store, text.tokenizer if text else None, text.max_len if text else 0,
                                      image.transform(train=True) if image else None,
                                      image.image_size if image else 0)
-        self.batches = EqualBatches(shard_dir, "train", micro, env.rank, env.world_size, cfg.num_workers,
+        self.batches = EqualBatches(shard_dir, "train", self.micro_batch, env.rank, env.world_size, cfg.num_workers,
                                     seed=self.seed, decode_images=False, skip_bad_images=False,
                                     collate=SequenceCollate(cfg.train.max_len, item_inputs, self.seed))
         steps = len(self.batches) if cfg.steps_per_epoch == 0 else min(len(self.batches), cfg.steps_per_epoch)
-        self.steps_per_epoch = steps // cfg.grad_accum * cfg.grad_accum  # no accumulation spans two epochs
+        self.steps_per_epoch = steps // accum * accum  # no accumulation spans two epochs
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.batches)} micro batch(es) per rank cannot fill tssr.grad_accum="
-                             f"{cfg.grad_accum}; lower tssr.train.batch_size")
+            raise ValueError(f"{len(self.batches)} micro batch(es) per rank cannot fill tssr.train.grad_accum="
+                             f"{accum}; lower tssr.train.batch_size")
+
+    model_name = "tssr"
 
     def build(self):
         model = build_recommender(self.tssr_cfg, self.dataset.num_items, self.source)
@@ -350,7 +347,7 @@ class TSSRTrainer(Trainer):
         count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
         device = engine.device
         return {"content": c.content, "use_text": c.use_text, "use_image": c.use_image,
-                "micro_batch_per_rank": self.batches.batch_size, "grad_accum": c.grad_accum,
+                "micro_batch_per_rank": self.batches.batch_size, "grad_accum": c.train.grad_accum,
                 "micro_steps": self.state["step"],
                 "optimizer_steps": engine.ds.global_steps if engine.ds is not None else self.state["step"],
                 "parameters": {"tssr": count(self.model.tssr), "encoders": count(self.model.content)},
@@ -402,7 +399,7 @@ def train_tssr(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None
         trainer = TSSRTrainer(c, source, store, d("shard"), dataset, out, cfg.seed, env, stage.run_id)
         trainer.resume(restart=force)
         metrics = trainer.fit(stop_after_epoch)
-        metrics.update(trainer.summary(), model="tssr", encoder_source=section.get("encoder_source", "cache"))
+        metrics.update(trainer.summary(), encoder_source=section.get("encoder_source", "cache"))
         if env.is_main:
             write_json(out / "metrics.json", metrics)
         return {k: v for k, v in metrics.items() if k != "history"}

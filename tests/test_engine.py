@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from sicsrec.config import TrainConfig
 from sicsrec.engine import build_engine, load_ds_config
 from sicsrec.runtime.dist import DistEnv
 
@@ -53,8 +54,9 @@ def test_deepspeed_bf16_takes_float_inputs_and_matches_autocast(tmp_path, native
         expected = reference(images)
     model = ImageHead()
     model.load_state_dict(reference.state_dict())
-    engine = build_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-3), SINGLE, "deepspeed", micro_batch=4,
-                          precision="bf16", ds_config=_config(tmp_path, native), zero_stage=2)
+    cfg = TrainConfig(engine="deepspeed", batch_size=4, precision="bf16", ds_config=str(_config(tmp_path, native)),
+                      zero_stage=2)
+    engine = build_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-3), SINGLE, cfg)
     assert engine.native_bf16 is native
     loss = engine(images)
     engine.backward(loss)

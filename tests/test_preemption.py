@@ -196,7 +196,7 @@ def test_tssr_with_grad_accum_preempted_at_an_odd_micro_step_resumes_exactly(syn
             (tmp_path / name).mkdir(exist_ok=True)
             (tmp_path / name / stage).symlink_to(tmp_path / stage)
     sets = ("tssr.content=cache", "tssr.use_image=false", "tssr.train.engine=deepspeed", "tssr.train.zero_stage=1",
-            "tssr.grad_accum=2")
+            "tssr.train.grad_accum=2", "tssr.train.batch_size=16")  # micro batch 8
     full = train_tssr(tiny_tssr(tmp_path / "full", *sets))["metrics"]
     assert (full["micro_steps"], full["optimizer_steps"]) == (12, 6)  # 7 micro batches an epoch -> 6, 2 epochs
 

@@ -167,8 +167,8 @@ def test_deepspeed_checkpoint_keeps_the_previous_tag(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     torch.manual_seed(0)
     model = Tiny()
-    engine = build_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), SINGLE, "deepspeed", micro_batch=2,
-                          precision="fp32", zero_stage=1)
+    engine = build_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), SINGLE,
+                          TrainConfig(engine="deepspeed", batch_size=2, precision="fp32", zero_stage=1))
     for step in (1, 2):
         engine.backward(engine(torch.randn(2, 3)))
         engine.step()
@@ -217,10 +217,9 @@ def test_a_field_added_at_its_default_leaves_the_fingerprint_of_earlier_runs_unc
     from sicsrec.config import SICSRecConfig
     from sicsrec.runtime.rundir import fingerprinted
 
-    before = dataclasses.asdict(SICSRecConfig())
-    del before["content_tables"]  # the section as it was before the field existed
-    assert fingerprinted(SICSRecConfig()) == before
+    before = fingerprinted(SICSRecConfig())
+    assert "content_tables" not in before  # the section as it was before the field existed
     changed = fingerprinted(dataclasses.replace(SICSRecConfig(), content_tables="trainable"))
     assert changed == dict(before, content_tables="trainable")
     nested = dataclasses.replace(SICSRecConfig(), train=dataclasses.replace(SICSRecConfig().train, lr=0.5))
-    assert fingerprinted(nested)["train"] == dataclasses.asdict(nested.train)
+    assert fingerprinted(nested)["train"] == dict(before["train"], lr=0.5)

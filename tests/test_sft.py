@@ -40,7 +40,7 @@ def write_labels(dataset: PreparedDataset, label_dir: Path) -> list[tuple[int, i
 
 
 def tiny_sft(**changes) -> SFTConfig:
-    cfg = SFTConfig(encoders=tiny_config(), micro_batch=4, epochs=2, lr=1e-3, holdout_fraction=0.2, eval_batch_size=16)
+    cfg = SFTConfig(encoders=tiny_config(), batch_size=4, epochs=2, lr=1e-3, holdout_fraction=0.2, eval_batch_size=16)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -209,7 +209,7 @@ def test_zero3_sft_with_grad_accumulation_on_cpu(two_rank_run):
 if __name__ == "__main__":  # torchrun worker: root
     root = Path(sys.argv[1])
     paths = (root / "prepare", root / "shards", root / "label")
-    cfg = tiny_sft(engine="deepspeed", zero_stage=2)
+    cfg = tiny_sft(engine="deepspeed", zero_stage=2, batch_size=8)  # micro batch 4 on each of 2 ranks
     sft(cfg, *paths, root / "full", seed=0)
     try:
         sft(cfg, *paths, root / "killed", seed=0, stop_after_epoch=0)
@@ -219,6 +219,6 @@ if __name__ == "__main__":  # torchrun worker: root
     torch.manual_seed(12345)  # a fresh process would not continue the old RNG stream
     sft(cfg, *paths, root / "killed", seed=0)
     encode(EncodeConfig(batch_size=5), root / "prepare", root / "shards", root / "full", root / "encode")
-    sft(dataclasses.replace(cfg, zero_stage=3, epochs=1, grad_accum=2), *paths, root / "zero3", seed=0)
+    sft(dataclasses.replace(cfg, zero_stage=3, epochs=1, batch_size=16, grad_accum=2), *paths, root / "zero3", seed=0)
     # straight after the stage: every rank must see its manifest (rank 0 writes it last)
     encode(EncodeConfig(), root / "prepare", root / "shards", root / "zero3", root / "encode3")

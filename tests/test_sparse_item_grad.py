@@ -172,7 +172,7 @@ def test_one_step_sparse_adam_and_adamw_against_a_reference(kind, weight_decay, 
     assert isinstance(optimizer.sparse, torch.optim.SparseAdam) and isinstance(optimizer.dense, torch.optim.AdamW)
     assert [p for g in optimizer.sparse.param_groups for p in g["params"]] == [module.recommender.item_emb.weight]
     assert len(optimizer.param_groups) == 2 and "weight_decay" not in optimizer.sparse.param_groups[0]
-    engine = build_engine(module, optimizer, SINGLE, "single", grad_clip=grad_clip)
+    engine = build_engine(module, optimizer, SINGLE, dataclasses.replace(cfg, engine="single"))
 
     reference = {name: p.detach().clone() for name, p in module.named_parameters()}
     table_name = "recommender.item_emb.weight"
@@ -231,7 +231,7 @@ def test_checkpoint_round_trip_of_the_combined_optimizer(tmp_path):
 
     def make():
         module = _loss_module()
-        return module, build_engine(module, build_optimizer(module, cfg), SINGLE, "single")
+        return module, build_engine(module, build_optimizer(module, cfg), SINGLE, dataclasses.replace(cfg, engine="single"))
 
     def step(engine, seed):
         inputs, targets = _batch(seed)
@@ -365,7 +365,7 @@ def _ddp_case(rank: int, world: int, kind: str) -> dict:
     module = _loss_module(kind)
     optimizer = build_optimizer(module, cfg)
     env = DistEnv(rank=rank, world_size=world, local_rank=rank, source="none")
-    engine = build_engine(module, optimizer, env, "ddp" if world > 1 else "single", grad_clip=cfg.grad_clip)
+    engine = build_engine(module, optimizer, env, dataclasses.replace(cfg, engine="ddp" if world > 1 else "single"))
     inputs, targets = _batch(5, rows=sum(ROWS))
     if world > 1:
         rows = slice(sum(ROWS[:rank]), sum(ROWS[:rank + 1]))

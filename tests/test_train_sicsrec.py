@@ -15,6 +15,7 @@ import torch
 
 from launcher.config import Config, load_config
 from shards.prepared import PreparedDataset
+from sicsrec.config import SequenceTrainConfig
 from sicsrec.runtime.rundir import read_manifest, run_stage
 from sicsrec.train import Trainer, TrainingInterrupted, load_id_encoder, train_id
 from sicsrec.train_sicsrec import train_sicsrec
@@ -45,7 +46,8 @@ def make_run(root: Path, num_users=37) -> Path:
 def overrides(root: Path, **step2) -> Config:
     train = {k: v for k, v in TINY.items()} | {"dropout": 0.0, "epochs": 2, "patience": 5, "engine": "single"}
     sets = [f"run_dir={root}"] + [f"train_id.{k}={v}" for k, v in train.items()]
-    sets += [f"sicsrec.train.{k}={v}" for k, v in (train | {"batch_size": 8}).items()]
+    step2_train = {f.name for f in dataclasses.fields(SequenceTrainConfig)}  # no model keys: those are train_id's
+    sets += [f"sicsrec.train.{k}={v}" for k, v in (train | {"batch_size": 8}).items() if k in step2_train]
     sets += ["sicsrec.dropout=0.0", "sicsrec.heads=2", "sicsrec.alpha=0.5", "sicsrec.temperature=0.2"]
     sets += [f"sicsrec.{k}={v}" for k, v in step2.items()]
     return load_config(None, sets)

@@ -58,7 +58,7 @@ def test_bad_configs_give_clear_errors(data, tmp_path):
     with pytest.raises(ValueError, match="tssr.content must be one of"):
         train_tssr(tiny_tssr(root, "tssr.content=frozen"))
     with pytest.raises(ValueError, match="grad_accum=2 needs tssr.train.engine=deepspeed"):
-        train_tssr(tiny_tssr(root, "tssr.grad_accum=2", "tssr.train.engine=single"))
+        train_tssr(tiny_tssr(root, "tssr.train.grad_accum=2", "tssr.train.engine=single"))
     with pytest.raises(ValueError, match="sft.encoders.image_model is empty"):
         train_tssr(tiny_tssr(root, "sft.encoders.image_model=none"))
     with pytest.raises(FileNotFoundError, match="run `launcher encode` first"):
@@ -240,7 +240,8 @@ def _worker_runs(root: Path) -> None:
         pass
     torch.manual_seed(12345)  # a fresh process would not continue the old RNG stream
     train_tssr(killed)
-    train_tssr(tiny_tssr(root / "accum", *zero2, "tssr.grad_accum=2", "tssr.steps_per_epoch=7", "tssr.use_image=false",
+    train_tssr(tiny_tssr(root / "accum", *zero2, "tssr.train.grad_accum=2", "tssr.train.batch_size=16",
+                         "tssr.steps_per_epoch=7", "tssr.use_image=false",
                          "tssr.train.epochs=1"))
 
 

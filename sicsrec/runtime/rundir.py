@@ -201,18 +201,23 @@ class StageRun:
 
 
 def fingerprinted(section) -> dict:
-    """dataclasses.asdict(section), without the fields a section class lists in `ADDED_FIELDS`
-    (name -> default) while they hold that default: a field added to a section later leaves the
-    fingerprints of run directories made before it unchanged (their stages are not redone).
-    Nested sections are treated alike."""
+    """dataclasses.asdict(section) as earlier run directories fingerprinted it, so that their
+    stages are not redone when a section's layout changes but not its meaning. A section class
+    may list (nested sections alike):
+    - `ADDED_FIELDS` (name -> default): fields added later, left out while they hold that default;
+    - `REMOVED_FIELDS` (name -> value): fields it no longer has, put back at the value they had;
+    - `legacy_fingerprint(fields) -> fields`: any other move (a key into a sub-section)."""
     out = {}
-    added = getattr(type(section), "ADDED_FIELDS", {})
+    cls = type(section)
+    added = getattr(cls, "ADDED_FIELDS", {})
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if f.name in added and value == added[f.name]:
             continue
         out[f.name] = fingerprinted(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
-    return out
+    out.update(copy.deepcopy(getattr(cls, "REMOVED_FIELDS", {})))
+    legacy = getattr(cls, "legacy_fingerprint", None)
+    return legacy(out) if legacy else out
 
 
 def run_declared(name: str, out_dir: str | Path, section, inputs: dict, body: Callable[[StageRun], dict],
