@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from launcher import stages  # noqa: E402
 from launcher.config import Config, load_config, to_dict  # noqa: E402
 from sicsrec.runtime.rundir import read_manifest, write_json  # noqa: E402
 
@@ -96,20 +97,16 @@ def gru4rec(run_dir: Path, seed: int, cfg: Config) -> dict:
 
 def content_row(variant: str):
     def run(run_dir: Path, seed: int, cfg: Config) -> dict:
-        from sicsrec.train_content import train_content
-
-        return train_content(cfg, variant)["metrics"]
+        return stages.run(cfg, f"train-{variant}")["metrics"]
 
     return run
 
 
 def sicsrec_row(**changes):
     def run(run_dir: Path, seed: int, cfg: Config) -> dict:
-        from sicsrec.train_sicsrec import train_sicsrec
-
         _step1(run_dir.parent, cfg)
         _link(run_dir.parent / "train_id", run_dir / "train_id")
-        return train_sicsrec(_with(cfg, **changes))["metrics"]
+        return stages.run(_with(cfg, **changes), "train-sicsrec")["metrics"]
 
     return run
 
@@ -118,9 +115,7 @@ def tssr(run_dir: Path, seed: int, cfg: Config) -> dict:
     """TSSR (issue #6): the two-stream model on the same split and seed. By default it reads the
     frozen embedding cache (tssr.content=cache); `--set tssr.content=end_to_end` trains the
     encoders in the loop instead (GPU; needs <run_dir>/sft or the encoder weights)."""
-    from sicsrec.train_tssr import train_tssr
-
-    return train_tssr(cfg)["metrics"]
+    return stages.run(cfg, "train-tssr")["metrics"]
 
 
 # SICSRec rows pin sicsrec.strategy, so they keep their meaning whatever the config default is.
@@ -169,12 +164,10 @@ def _link(target: Path, link: Path) -> None:
 def run_upstream(cfg: Config, skip: bool) -> None:
     run = Path(cfg.run_dir)
     if not skip:
-        from launcher.stages import run as run_stage
-
         for name in UPSTREAM:
             if name == "label" and read_manifest(run / "label") and read_manifest(run / "sft"):
                 continue  # label needs Ray; once SFT is done its pairs are not read again
-            run_stage(cfg, name, False)
+            stages.run(cfg, name, False)
     missing = [s for s in ("prepare", "embeddings") if read_manifest(run / s) is None]
     if missing:
         raise SystemExit(f"{run}: no finished {', '.join(missing)} stage(s); run without --skip-upstream first")

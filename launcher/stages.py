@@ -22,7 +22,7 @@ class Stage:
     folders (cfg.stage_dir) and runs through sicsrec.runtime.rundir.run_declared."""
     folder: str
     help: str
-    body: Callable[[Config, bool], dict]  # (config, force) -> manifest
+    body: Callable[..., dict]  # (config, force, **options such as stop_after_epoch) -> manifest
 
 
 def _call(target: str, *args, **kwargs):
@@ -31,8 +31,10 @@ def _call(target: str, *args, **kwargs):
     return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
 
-def run(cfg: Config, name: str, force: bool = False) -> dict:
-    return STAGES[name].body(cfg, force)
+def run(cfg: Config, name: str, force: bool = False, **options) -> dict:
+    """Run stage `name` of the run `cfg` describes; `options` go to its body (the trainers take
+    stop_after_epoch, which tests use to simulate a kill)."""
+    return STAGES[name].body(cfg, force, **options)
 
 
 def _upstream(cfg: Config, name: str) -> str:
@@ -124,8 +126,8 @@ STAGES: dict[str, Stage] = {
                             "-> <run_dir>/label/pairs-*.jsonl", _label),
     "sft": Stage("sft", "SICSRec 3.3.2: fine-tune text + image encoders on labelled pairs (t2t, i2i, t2i InfoNCE, "
                         "DeepSpeed ZeRO) -> <run_dir>/sft",
-                 lambda c, force: _call("sicsrec.sft:sft", c.sft, c.stage_dir("prepare"), c.stage_dir("shard"),
-                                        c.stage_dir("label"), c.stage_dir("sft"), c.seed, force)),
+                 lambda c, force, **kw: _call("sicsrec.sft:sft", c.sft, c.stage_dir("prepare"), c.stage_dir("shard"),
+                                              c.stage_dir("label"), c.stage_dir("sft"), c.seed, force, **kw)),
     "encode": Stage("embeddings", "embed every item with the tuned encoders "
                                   "-> <run_dir>/embeddings/{text,image,has_image}.npy",
                     lambda c, force: _call("sicsrec.encode:encode", c.encode, c.stage_dir("prepare"),
@@ -133,22 +135,33 @@ STAGES: dict[str, Stage] = {
                                            c.sft.encoders, c.seed)),
     "train-id": Stage("train_id", "SICSRec step 1: SASRec/GRU4Rec ID encoder, full-softmax CE, early stopping "
                                   "-> <run_dir>/train_id",
-                      lambda c, force: _call("sicsrec.train:train_id", c.train_id, c.stage_dir("prepare"),
-                                             c.stage_dir("train-id"), c.seed, force,
-                                             embeddings_dir=c.stage_dir("encode"))),
+                      lambda c, force, **kw: _call("sicsrec.train:train_id", c.train_id, c.stage_dir("prepare"),
+                                                   c.stage_dir("train-id"), c.seed, force,
+                                                   embeddings_dir=c.stage_dir("encode"), **kw)),
     "train-sicsrec": Stage("sicsrec", "SICSRec step 2: step-1 encoder layers frozen + LoRA (item embeddings keep "
                                       "training: Table 9 fixed_id_enc), content encoder, mix decoder, CE + alpha "
                                       "ConCL -> <run_dir>/sicsrec",
-                           lambda c, force: _call("sicsrec.train_sicsrec:train_sicsrec", c, force)),
+                           lambda c, force, **kw: _call("sicsrec.train_sicsrec:train_sicsrec", c.sicsrec,
+                                                        c.stage_dir("prepare"), c.stage_dir("train-id"),
+                                                        c.stage_dir("encode"), c.stage_dir("train-sicsrec"), c.seed,
+                                                        force, **kw)),
     "train-content": Stage("sasrec_content", "baseline SASRec-Content: cached content embeddings as the only input "
                                              "-> <run_dir>/sasrec_content",
-                           lambda c, force: _call("sicsrec.train_content:train_content", c, "content", force)),
+                           lambda c, force, **kw: _call("sicsrec.train_content:train_content", c.train_id,
+                                                        c.stage_dir("prepare"), c.stage_dir("encode"),
+                                                        c.stage_dir("train-content"), c.seed, "content", force, **kw)),
     "train-hybrid": Stage("sasrec_hybrid", "baseline SASRec-Hybrid: ID + content embeddings at the input "
                                            "-> <run_dir>/sasrec_hybrid",
-                          lambda c, force: _call("sicsrec.train_content:train_content", c, "hybrid", force)),
+                          lambda c, force, **kw: _call("sicsrec.train_content:train_content", c.train_id,
+                                                       c.stage_dir("prepare"), c.stage_dir("encode"),
+                                                       c.stage_dir("train-hybrid"), c.seed, "hybrid", force, **kw)),
     "train-tssr": Stage("tssr", "TSSR: two-stream ID + content model, encoders in the loop (or cached), "
                                 "L_u + L_i + CE, DeepSpeed ZeRO -> <run_dir>/tssr",
-                        lambda c, force: _call("sicsrec.train_tssr:train_tssr", c, force)),
+                        lambda c, force, **kw: _call("sicsrec.train_tssr:train_tssr", c.tssr, c.sft.encoders, c.seed,
+                                                     prepared_dir=c.stage_dir("prepare"),
+                                                     shard_dir=c.stage_dir("shard"), sft_dir=c.stage_dir("sft"),
+                                                     embeddings_dir=c.stage_dir("encode"),
+                                                     out_dir=c.stage_dir("train-tssr"), force=force, **kw)),
 }
 RESULT_STAGES = {"train-id": "SASRec (step 1)", "train-content": "SASRec-Content", "train-hybrid": "SASRec-Hybrid",
                  "train-sicsrec": "SICSRec", "train-tssr": "TSSR"}

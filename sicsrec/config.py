@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 
 @dataclass
@@ -246,18 +246,3 @@ class TSSRConfig:
         accum = train.pop("grad_accum", 1)
         train["batch_size"] //= accum
         return dict(fields, train=train, grad_accum=accum)
-
-
-class RunConfig(Protocol):
-    """What the stage-level trainers in sicsrec/ (train_sicsrec, train_content, train_tssr) read
-    from the run's config tree: the seed, this module's sections and the stages' folders.
-    launcher.config.Config satisfies it structurally (tests/test_layers.py checks that), so
-    sicsrec/ never imports the launcher that sits above it."""
-    seed: int
-    train_id: TrainConfig
-    sft: SFTConfig
-    sicsrec: SICSRecConfig
-    tssr: TSSRConfig
-
-    def stage_dir(self, stage: str) -> Path:
-        """Where `stage` (a CLI name, e.g. "encode") writes in the run directory."""

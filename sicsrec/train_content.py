@@ -8,9 +8,10 @@ Reads <run_dir>/{prepare, embeddings}; writes <run_dir>/sasrec_content or <run_d
 """
 from __future__ import annotations
 
+from pathlib import Path
 
 from shards.prepared import PreparedDataset, prepared_input
-from sicsrec.config import RunConfig
+from sicsrec.config import TrainConfig
 from sicsrec.embedding_cache import load_embedding_cache
 from sicsrec.loop import fit_summary
 from sicsrec.models.content_sasrec import VARIANTS, ContentSASRec
@@ -33,23 +34,19 @@ class ContentTrainer(Trainer):
         return model, NextItemLoss(model)
 
 
-def train_content(cfg: RunConfig, variant: str = "content", force: bool = False, use_text: bool = True,
-                  use_image: bool = True, stop_after_epoch: int | None = None) -> dict:
-    """SASRec-Content (variant "content") or SASRec-Hybrid ("hybrid") -> <run_dir>/sasrec_<variant>."""
+def train_content(cfg: TrainConfig, prepared_dir: Path, embeddings_dir: Path, out_dir: Path, seed: int,
+                  variant: str = "content", force: bool = False, stop_after_epoch: int | None = None) -> dict:
+    """SASRec-Content (variant "content") or SASRec-Hybrid ("hybrid") with the `train_id`
+    section's settings -> out_dir (<run_dir>/sasrec_<variant>)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    d = cfg.stage_dir
-    inputs = {"prepare": prepared_input(d("prepare")), "embeddings": Upstream("encode", d("encode"))}
-    tables = load_embedding_cache(d("encode"))
-    tables = {k: v for k, v in tables.items() if (k != "text" or use_text) and (k != "image" or use_image)}
-    if "text" not in tables and "image" not in tables:
-        raise ValueError("train-content needs text or image embeddings (use_text / use_image)")
-    section = dict(fingerprinted(cfg.train_id), variant=variant,
-                   content=sorted(k for k in tables if k != "has_image"))
+    inputs = {"prepare": prepared_input(prepared_dir), "embeddings": Upstream("encode", embeddings_dir)}
+    tables = load_embedding_cache(embeddings_dir)
+    section = dict(fingerprinted(cfg), variant=variant, content=sorted(k for k in tables if k != "has_image"))
 
     def body(stage: StageRun) -> dict:
-        dataset = PreparedDataset.load(d("prepare"))
-        trainer = ContentTrainer(variant, tables, cfg.train_id, dataset, stage.out, cfg.seed, stage.env, stage.run_id)
+        dataset = PreparedDataset.load(prepared_dir)
+        trainer = ContentTrainer(variant, tables, cfg, dataset, stage.out, seed, stage.env, stage.run_id)
         return dict(fit_summary(trainer, force, stop_after_epoch), model=f"sasrec_{variant}")
 
-    return run_declared(f"train-{variant}", d(f"train-{variant}"), section, inputs, body, force, cfg.seed)
+    return run_declared(f"train-{variant}", out_dir, section, inputs, body, force, seed)

@@ -48,12 +48,13 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from shards.prepared import PreparedDataset, prepared_input
-from sicsrec.config import RunConfig, SICSRecConfig
+from sicsrec.config import SICSRecConfig
 from sicsrec.embedding_cache import load_embedding_cache
 from sicsrec.loop import fit_summary
 from sicsrec.losses import concl_loss
@@ -224,30 +225,31 @@ def _reset_parameters(module: nn.Module) -> None:
         module.reset_parameters()
 
 
-def train_sicsrec(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None = None) -> dict:
-    """Stage `train-sicsrec`: reads <run_dir>/{prepare, train_id, embeddings}, writes <run_dir>/sicsrec."""
-    d = cfg.stage_dir
-    inputs = {"prepare": prepared_input(d("prepare")), "train_id": Upstream("train-id", d("train-id")),
-              "embeddings": Upstream("encode", d("encode"))}
-    strategy = STRATEGIES[resolve_strategy(cfg.sicsrec.strategy)]
-    if cfg.sicsrec.strategy in ALIASES:
-        warnings.warn(f"sicsrec.strategy={cfg.sicsrec.strategy} is deprecated: it means "
-                      f"{ALIASES[cfg.sicsrec.strategy]} (Table 9 names)", DeprecationWarning, stacklevel=2)
+def train_sicsrec(cfg: SICSRecConfig, prepared_dir: Path, step1_dir: Path, embeddings_dir: Path, out_dir: Path,
+                  seed: int, force: bool = False, stop_after_epoch: int | None = None) -> dict:
+    """Stage `train-sicsrec`: reads the prepared dataset, the step-1 model (train_id) and the
+    embedding cache; writes out_dir (<run_dir>/sicsrec)."""
+    inputs = {"prepare": prepared_input(prepared_dir), "train_id": Upstream("train-id", step1_dir),
+              "embeddings": Upstream("encode", embeddings_dir)}
+    strategy = STRATEGIES[resolve_strategy(cfg.strategy)]
+    if cfg.strategy in ALIASES:
+        warnings.warn(f"sicsrec.strategy={cfg.strategy} is deprecated: it means "
+                      f"{ALIASES[cfg.strategy]} (Table 9 names)", DeprecationWarning, stacklevel=2)
 
     def body(stage: StageRun) -> dict:
         out, env, run_id = stage.out, stage.env, stage.run_id
-        args = (load_id_encoder(d("train-id")), load_embedding_cache(d("encode")), PreparedDataset.load(d("prepare")))
+        args = (load_id_encoder(step1_dir), load_embedding_cache(embeddings_dir), PreparedDataset.load(prepared_dir))
         if not strategy.content_pretrain:
-            trainer = SICSRecTrainer(cfg.sicsrec, *args, out, cfg.seed, env, run_id)
+            trainer = SICSRecTrainer(cfg, *args, out, seed, env, run_id)
             metrics = fit_summary(trainer, force, stop_after_epoch)
             metrics["epochs_to_best"] = metrics["best_epoch"] + 1  # 0: the start (step 1) was kept
             return metrics
         phase1_dir = out / "content_pretrain"
         phase1_dir.mkdir(parents=True, exist_ok=True)
-        first = fit_summary(SICSRecTrainer(cfg.sicsrec, *args, phase1_dir, cfg.seed, env, run_id + "-content",
+        first = fit_summary(SICSRecTrainer(cfg, *args, phase1_dir, seed, env, run_id + "-content",
                                            phase="content"), force, stop_after_epoch)
         best = torch.load(phase1_dir / "best_model.pt", map_location="cpu", weights_only=True)
-        second = SICSRecTrainer(cfg.sicsrec, *args, out, cfg.seed, env, run_id, phase="id", init_state=best)
+        second = SICSRecTrainer(cfg, *args, out, seed, env, run_id, phase="id", init_state=best)
         remaining = None if stop_after_epoch is None else stop_after_epoch - first["epochs_run"]
         metrics = fit_summary(second, force, remaining)
         metrics["content_pretrain"] = {k: first[k] for k in ("best_epoch", "epochs_run", "valid", "test")}
@@ -257,4 +259,4 @@ def train_sicsrec(cfg: RunConfig, force: bool = False, stop_after_epoch: int | N
                                      else first["epochs_run"] + metrics["best_epoch"] + 1)
         return metrics
 
-    return run_declared("train-sicsrec", d("train-sicsrec"), cfg.sicsrec, inputs, body, force, cfg.seed)
+    return run_declared("train-sicsrec", out_dir, cfg, inputs, body, force, seed)

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from shards.collate import ItemInputs, ItemStore, SequenceCollate
 from shards.prepared import PreparedDataset, prepared_input
 from shards.reader import EqualBatches, StreamedEpoch, shards_input
-from sicsrec.config import EncoderConfig, RunConfig, TSSRConfig
+from sicsrec.config import EncoderConfig, TSSRConfig
 from sicsrec.embedding_cache import load_embedding_cache
 from sicsrec.encode import from_main, initial_encoder
 from sicsrec.encoders import NO_IMAGE, ContentEncoder, ImageEncoder, TextEncoder, _set_grad_checkpointing
@@ -360,43 +360,43 @@ def _tuned_encoder_dir(sft_dir: Path) -> Path | None:
     return sft_dir / "encoder" if done else None
 
 
-def train_tssr(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None = None) -> dict:
-    """Stage `train-tssr`: reads <run_dir>/{prepare, shards} (and <run_dir>/sft in end_to_end mode
-    when tssr.init_from_sft, <run_dir>/embeddings in cache mode), writes <run_dir>/tssr. A finished
-    matching run is skipped unless force; a run with a checkpoint but no manifest resumes.
-    `stop_after_epoch` simulates a kill (tests). Returns the manifest (metrics under "metrics")."""
-    c = cfg.tssr
-    check_config(c, cfg.sft.encoders)
-    d = cfg.stage_dir
-    inputs = {"prepare": prepared_input(d("prepare")), "shards": shards_input(d("shard"))}
-    section = fingerprinted(c)
+def train_tssr(cfg: TSSRConfig, encoders: EncoderConfig, seed: int, *, prepared_dir: Path, shard_dir: Path,
+               sft_dir: Path, embeddings_dir: Path, out_dir: Path, force: bool = False,
+               stop_after_epoch: int | None = None) -> dict:
+    """Stage `train-tssr`: reads the prepared dataset and the shards (and sft_dir in end_to_end
+    mode when tssr.init_from_sft, embeddings_dir in cache mode), writes out_dir (<run_dir>/tssr).
+    `encoders` (the sft section's) builds untuned encoders when no sft stage has finished. A
+    finished matching run is skipped unless force; a run with a checkpoint but no manifest
+    resumes. `stop_after_epoch` simulates a kill (tests). Returns the manifest."""
+    check_config(cfg, encoders)
+    inputs = {"prepare": prepared_input(prepared_dir), "shards": shards_input(shard_dir)}
+    section = fingerprinted(cfg)
     tuned_dir = None
-    if c.content == "end_to_end":
+    if cfg.content == "end_to_end":
         # rank 0 decides (it wrote the sft manifest); init first so that from_main can broadcast
         is_main = distenv.init(distenv.detect()).is_main
-        tuned_dir = from_main(_tuned_encoder_dir(d("sft")) if c.init_from_sft and is_main else None)
+        tuned_dir = from_main(_tuned_encoder_dir(sft_dir) if cfg.init_from_sft and is_main else None)
         if tuned_dir is not None:
-            inputs["sft"] = Upstream("sft", d("sft"))
+            inputs["sft"] = Upstream("sft", sft_dir)
         else:
-            if c.init_from_sft:
-                log.warning("train-tssr: no finished sft stage in %s; starting from UNTUNED encoders", d("sft"))
-            section["encoders"] = fingerprinted(cfg.sft.encoders)
+            if cfg.init_from_sft:
+                log.warning("train-tssr: no finished sft stage in %s; starting from UNTUNED encoders", sft_dir)
+            section["encoders"] = fingerprinted(encoders)
         section["encoder_source"] = "sft" if tuned_dir else "untuned"
     else:
-        inputs["embeddings"] = Upstream("encode", d("encode"))
+        inputs["embeddings"] = Upstream("encode", embeddings_dir)
 
     def body(stage: StageRun) -> dict:
         env, out = stage.env, stage.out
-        dataset = PreparedDataset.load(d("prepare"))
+        dataset = PreparedDataset.load(prepared_dir)
         store = None
-        if c.content == "end_to_end":
-            source = ContentEncoder.load(tuned_dir) if tuned_dir else initial_encoder(cfg.sft.encoders, dataset,
-                                                                                      cfg.seed)
-            _set_grad_checkpointing(source, c.grad_checkpointing)
-            store = ItemStore.from_shards(d("shard"), dataset.num_items, progress=env.is_main)
+        if cfg.content == "end_to_end":
+            source = ContentEncoder.load(tuned_dir) if tuned_dir else initial_encoder(encoders, dataset, seed)
+            _set_grad_checkpointing(source, cfg.grad_checkpointing)
+            store = ItemStore.from_shards(shard_dir, dataset.num_items, progress=env.is_main)
         else:
-            source = load_embedding_cache(d("encode"))
-        trainer = TSSRTrainer(c, source, store, d("shard"), dataset, out, cfg.seed, env, stage.run_id)
+            source = load_embedding_cache(embeddings_dir)
+        trainer = TSSRTrainer(cfg, source, store, shard_dir, dataset, out, seed, env, stage.run_id)
         trainer.resume(restart=force)
         metrics = trainer.fit(stop_after_epoch)
         metrics.update(trainer.summary(), encoder_source=section.get("encoder_source", "cache"))
@@ -404,4 +404,4 @@ def train_tssr(cfg: RunConfig, force: bool = False, stop_after_epoch: int | None
             write_json(out / "metrics.json", metrics)
         return {k: v for k, v in metrics.items() if k != "history"}
 
-    return run_declared("train-tssr", d("train-tssr"), section, inputs, body, force, cfg.seed, per_world_size=True)
+    return run_declared("train-tssr", out_dir, section, inputs, body, force, seed, per_world_size=True)

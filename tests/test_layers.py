@@ -10,8 +10,8 @@ Allowed order, each layer importing only from the layers to its left:
   sicsrec.runtime, and not llm_labeling; llm_labeling/ sits beside it and may read shards/ (the
   prepared dataset), never the other way round, and imports nothing from sicsrec but
   sicsrec.runtime.
-- Nothing under sicsrec/, shards/ or llm_labeling/ imports launcher/: the trainers take the
-  run's config tree as a duck-typed `sicsrec.config.RunConfig`.
+- Nothing under sicsrec/, shards/ or llm_labeling/ imports launcher/: each stage body takes its
+  own config section and its upstream folders, never the run's config tree.
 - launcher/ may import everything (it assembles the config tree and the stages).
 
 Every import counts: module level, function-local, `if TYPE_CHECKING:` blocks, and
@@ -139,11 +139,22 @@ def test_every_section_lives_in_its_package(section):
     assert typing.get_type_hints(Config)[section].__module__ == f"{home}.config"
 
 
-def test_the_config_tree_is_a_run_config():
-    """The trainers type their config as sicsrec.config.RunConfig (no launcher import): the
-    launcher's tree must have each of its fields, with the same type."""
-    from launcher.config import Config
-    from sicsrec.config import RunConfig
+STAGE_BODIES = ["shards.synth:synthesize", "shards.writer:write_shards", "llm_labeling.run:label",
+                "sicsrec.sft:sft", "sicsrec.encode:encode", "sicsrec.train:train_id",
+                "sicsrec.train_sicsrec:train_sicsrec", "sicsrec.train_content:train_content",
+                "sicsrec.train_tssr:train_tssr"]
 
-    tree, wanted = typing.get_type_hints(Config), typing.get_type_hints(RunConfig)
-    assert wanted and {k: tree.get(k) for k in wanted} == wanted
+
+@pytest.mark.parametrize("target", STAGE_BODIES)
+def test_each_stage_body_receives_its_section(target):
+    """A stage body takes config sections (dataclasses of a `*.config` module below the launcher),
+    never the run's tree (launcher.config.Config)."""
+    import dataclasses
+    import importlib
+
+    module, name = target.split(":")
+    hints = typing.get_type_hints(getattr(importlib.import_module(module), name))
+    sections = [t for t in hints.values() if dataclasses.is_dataclass(t)]
+    assert sections, f"{target} takes no config section"
+    assert all(t.__module__.endswith(".config") and not t.__module__.startswith("launcher") for t in sections), \
+        (target, sections)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher import stages
 from launcher.config import load_config
 from sicsrec.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE_ENV, TEST_HOOK_ENV, Preempted, PreemptionGuard
 from sicsrec.runtime.rundir import run_stage
@@ -183,7 +184,6 @@ def test_tssr_with_grad_accum_preempted_at_an_odd_micro_step_resumes_exactly(syn
     step of the uninterrupted one (DeepSpeed, 1 process, cached content)."""
     import numpy as np
 
-    from sicsrec.train_tssr import train_tssr
     from test_train_tssr import tiny_tssr
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
@@ -197,17 +197,17 @@ def test_tssr_with_grad_accum_preempted_at_an_odd_micro_step_resumes_exactly(syn
             (tmp_path / name / stage).symlink_to(tmp_path / stage)
     sets = ("tssr.content=cache", "tssr.use_image=false", "tssr.train.engine=deepspeed", "tssr.train.zero_stage=1",
             "tssr.train.grad_accum=2", "tssr.train.batch_size=16")  # micro batch 8
-    full = train_tssr(tiny_tssr(tmp_path / "full", *sets))["metrics"]
+    full = stages.run(tiny_tssr(tmp_path / "full", *sets), "train-tssr")["metrics"]
     assert (full["micro_steps"], full["optimizer_steps"]) == (12, 6)  # 7 micro batches an epoch -> 6, 2 epochs
 
     killed = tiny_tssr(tmp_path / "killed", *sets)
     monkeypatch.setenv(TEST_HOOK_ENV, "3")
     with pytest.raises(Preempted):
-        train_tssr(killed)
+        stages.run(killed, "train-tssr")
     monkeypatch.delenv(TEST_HOOK_ENV)
     assert [r["step"] for r in _log(tmp_path / "killed" / "tssr")] == [1, 2, 3, 4]  # stopped at a boundary
     torch.manual_seed(12345)
-    resumed = train_tssr(killed)["metrics"]
+    resumed = stages.run(killed, "train-tssr")["metrics"]
     assert (resumed["micro_steps"], resumed["optimizer_steps"]) == (12, 6)
     assert _log(tmp_path / "killed" / "tssr") == _log(tmp_path / "full" / "tssr")
     for split in ("valid", "test"):

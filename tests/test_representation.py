@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from launcher import stages
 from shards.prepared import PreparedDataset
 from shards.windows import pad_left
 from sicsrec.representation import alignment, load_sicsrec_model, stage_representation, uniformity
 from sicsrec.train import load_id_encoder
-from sicsrec.train_sicsrec import train_sicsrec
 from tests.helpers import copy_run
 from tests.test_train_sicsrec import overrides
 
@@ -48,7 +48,7 @@ def test_uniformity_matches_brute_force_on_random_points():
 @pytest.fixture(scope="module")
 def run(step1_run, tmp_path_factory):
     root = copy_run(step1_run, tmp_path_factory.mktemp("repr"))
-    train_sicsrec(overrides(root))
+    stages.run(overrides(root), "train-sicsrec")
     return root
 
 

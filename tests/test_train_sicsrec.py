@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from launcher import stages
 from launcher.config import Config, load_config
 from shards.prepared import PreparedDataset
 from sicsrec.config import SequenceTrainConfig
 from sicsrec.runtime.rundir import read_manifest, run_stage
 from sicsrec.train import Trainer, TrainingInterrupted, load_id_encoder, train_id
-from sicsrec.train_sicsrec import train_sicsrec
 from tests.helpers import copy_run
 from tests.test_train_id import TINY, make_dataset
 
@@ -74,7 +74,7 @@ def test_step2_trains_with_the_id_encoder_frozen(run, strategy):
     fixed_id_emb_enc (the earlier fixed_id): E_id frozen as well."""
     cfg = overrides(run) if strategy == "fixed_id_enc" else overrides(run, strategy=strategy)
     assert cfg.sicsrec.strategy == strategy
-    metrics = train_sicsrec(cfg, force=True)["metrics"]
+    metrics = stages.run(cfg, "train-sicsrec", force=True)["metrics"]
     assert set(metrics["test"]) >= {"hit@10", "ndcg@10"} and metrics["epochs_run"] == 2
     history = json.loads((run / "sicsrec" / "metrics.json").read_text())["history"]
     assert history[0]["epoch"] == -1 and history[0]["start"] and [h["epoch"] for h in history[1:]] == [0, 1]
@@ -97,7 +97,7 @@ def test_step2_never_ends_below_step1_and_step1_has_no_start(run):
     assert [h["epoch"] for h in step1_history] == list(range(len(step1_history)))  # no start point in step 1
     assert not any(h.get("start") for h in step1_history)
     cfg = overrides(run, **{"train.lr": 30.0, "train.epochs": 3, "train.patience": 1})
-    metrics = train_sicsrec(cfg, force=True)["metrics"]
+    metrics = stages.run(cfg, "train-sicsrec", force=True)["metrics"]
     history = json.loads((run / "sicsrec" / "metrics.json").read_text())["history"]
     start, epoch0 = history  # early stopping counts from the start: one epoch without improvement ends it
     assert start["epoch"] == -1 and epoch0["epoch"] == 0 and metrics["early_stopped"]
@@ -110,21 +110,21 @@ def test_step2_never_ends_below_step1_and_step1_has_no_start(run):
 
 def test_step2_resume_after_kill_matches(run, monkeypatch):
     cfg = overrides(run, dropout=0.3)
-    full = train_sicsrec(dataclasses.replace(cfg, run_dir=str(run)), force=True)["metrics"]
+    full = stages.run(dataclasses.replace(cfg, run_dir=str(run)), "train-sicsrec", force=True)["metrics"]
     full_losses = _losses(run / "sicsrec")
     full_history = json.loads((run / "sicsrec" / "metrics.json").read_text())["history"]
     with pytest.raises(TrainingInterrupted):
-        train_sicsrec(cfg, force=True, stop_after_epoch=0)
-    resumed = train_sicsrec(cfg)["metrics"]
+        stages.run(cfg, "train-sicsrec", force=True, stop_after_epoch=0)
+    resumed = stages.run(cfg, "train-sicsrec")["metrics"]
     assert _losses(run / "sicsrec") == pytest.approx(full_losses, rel=1e-6)
     assert resumed["test"] == pytest.approx(full["test"], abs=1e-9)
     # killed right after the start evaluation: the resumed run does not evaluate the start again
     with pytest.raises(TrainingInterrupted, match="start"):
-        train_sicsrec(cfg, force=True, stop_after_epoch=-1)
+        stages.run(cfg, "train-sicsrec", force=True, stop_after_epoch=-1)
     calls = []
     original = Trainer.evaluate_start
     monkeypatch.setattr(Trainer, "evaluate_start", lambda self, tb: calls.append(1) or original(self, tb))
-    resumed = train_sicsrec(cfg)["metrics"]
+    resumed = stages.run(cfg, "train-sicsrec")["metrics"]
     assert not calls
     assert _losses(run / "sicsrec") == pytest.approx(full_losses, rel=1e-6)
     assert resumed["test"] == pytest.approx(full["test"], abs=1e-9)
@@ -150,7 +150,7 @@ def _two_ranks(run: Path, **step2) -> dict:
 
 @pytest.mark.slow
 def test_two_ranks_follow_the_single_process_loss_curve(run):
-    single = train_sicsrec(overrides(run), force=True)["metrics"]
+    single = stages.run(overrides(run), "train-sicsrec", force=True)["metrics"]
     expected = _losses(run / "sicsrec")
     got = _two_ranks(run)
     assert _losses(run / "sicsrec") == pytest.approx(expected, rel=1e-5)
@@ -163,7 +163,7 @@ def test_two_ranks_without_imse(run):
     """The w/o-IMSE row (quality.py wo_imse) under DDP without find_unused_parameters: no LoRA and
     no ID encoder layer is trainable there (they get no gradient), so 2 ranks run and match 1."""
     row = dict(strategy="fixed_id_emb_enc", use_imse=False, use_mmsd=False)
-    single = train_sicsrec(overrides(run, **row), force=True)["metrics"]
+    single = stages.run(overrides(run, **row), "train-sicsrec", force=True)["metrics"]
     expected = _losses(run / "sicsrec")
     best = _state(run / "sicsrec" / "best_model.pt")
     assert not any("lora_" in k for k in best)
@@ -196,7 +196,7 @@ def test_fixed_content_pretrains_content_parts_then_trains_the_id_parts(run):
     from sicsrec.train_sicsrec import _reset_parameters
 
     cfg = overrides(run, strategy="fixed_content_emb_enc", dropout=0.3)
-    full = train_sicsrec(cfg, force=True)["metrics"]
+    full = stages.run(cfg, "train-sicsrec", force=True)["metrics"]
     phase1 = _state(run / "sicsrec" / "content_pretrain" / "best_model.pt")
     final = _final_state(run / "sicsrec")
     # phase 1: the ID encoder is frozen at a fresh random init (the first thing drawn after the seed)
@@ -220,19 +220,19 @@ def test_fixed_content_pretrains_content_parts_then_trains_the_id_parts(run):
                                       else pre["epochs_run"] + full["best_epoch"] + 1)
     # killed in phase 2, resumed: the same result
     with pytest.raises(TrainingInterrupted):
-        train_sicsrec(cfg, force=True, stop_after_epoch=2)
-    assert train_sicsrec(cfg)["metrics"]["test"] == pytest.approx(full["test"], abs=1e-9)
+        stages.run(cfg, "train-sicsrec", force=True, stop_after_epoch=2)
+    assert stages.run(cfg, "train-sicsrec")["metrics"]["test"] == pytest.approx(full["test"], abs=1e-9)
 
 
 def test_end_to_end_trains_everything_from_scratch(run):
-    full = train_sicsrec(overrides(run, strategy="end_to_end"), force=True)["metrics"]
+    full = stages.run(overrides(run, strategy="end_to_end"), "train-sicsrec", force=True)["metrics"]
     best, step1 = _state(run / "sicsrec" / "best_model.pt"), load_id_encoder(run / "train_id").state_dict()
     assert not any("lora_" in k for k in best)
     weights = [k for k in step1 if k.endswith("weight") and "norm" not in k]
     assert all(not torch.equal(best[f"id_encoder.{k}"], step1[k]) for k in weights)  # re-initialised, trained
     assert full["epochs_to_best"] == full["best_epoch"] + 1
     with pytest.raises(ValueError, match="strategy"):
-        train_sicsrec(overrides(run, strategy="fixed_idemb"), force=True)
+        stages.run(overrides(run, strategy="fixed_idemb"), "train-sicsrec", force=True)
 
 
 def test_quality_benchmark_rows_seeds_and_merge(step1_run, tmp_path):

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from launcher import stages
 from launcher.config import Config, load_config
 from shards.reader import EqualBatches
 from sicsrec.encode import initial_encoder
@@ -26,7 +27,7 @@ from sicsrec.losses import item_contrastive_loss, user_contrastive_loss
 from sicsrec.runtime.rundir import run_stage
 from sicsrec.train import TrainingInterrupted
 from shards.collate import ItemInputs, ItemStore, SequenceCollate
-from sicsrec.train_tssr import TSSRLoss, build_recommender, check_config, train_tssr
+from sicsrec.train_tssr import TSSRLoss, build_recommender, check_config
 from tests.helpers import copy_run
 from test_encoders import tiny_config
 
@@ -54,17 +55,17 @@ def data(synth_run, tmp_path_factory):
 def test_bad_configs_give_clear_errors(data, tmp_path):
     root, _ = data
     with pytest.raises(ValueError, match="use_text and tssr.use_image are both false"):
-        train_tssr(tiny_tssr(root, "tssr.use_text=false", "tssr.use_image=false"))
+        stages.run(tiny_tssr(root, "tssr.use_text=false", "tssr.use_image=false"), "train-tssr")
     with pytest.raises(ValueError, match="tssr.content must be one of"):
-        train_tssr(tiny_tssr(root, "tssr.content=frozen"))
+        stages.run(tiny_tssr(root, "tssr.content=frozen"), "train-tssr")
     with pytest.raises(ValueError, match="grad_accum=2 needs tssr.train.engine=deepspeed"):
-        train_tssr(tiny_tssr(root, "tssr.train.grad_accum=2", "tssr.train.engine=single"))
+        stages.run(tiny_tssr(root, "tssr.train.grad_accum=2", "tssr.train.engine=single"), "train-tssr")
     with pytest.raises(ValueError, match="sft.encoders.image_model is empty"):
-        train_tssr(tiny_tssr(root, "sft.encoders.image_model=none"))
+        stages.run(tiny_tssr(root, "sft.encoders.image_model=none"), "train-tssr")
     with pytest.raises(FileNotFoundError, match="run `launcher encode` first"):
-        train_tssr(tiny_tssr(root, "tssr.content=cache", "tssr.train.engine=single"))
+        stages.run(tiny_tssr(root, "tssr.content=cache", "tssr.train.engine=single"), "train-tssr")
     with pytest.raises(FileNotFoundError, match="run `launcher prepare` first"):
-        train_tssr(tiny_tssr(tmp_path, "tssr.train.engine=single"))
+        stages.run(tiny_tssr(tmp_path, "tssr.train.engine=single"), "train-tssr")
     check_config(tiny_tssr(root).tssr, tiny_config())  # the defaults are fine
 
 
@@ -132,8 +133,8 @@ def test_cache_mode_single_process(data):
     run_stage(root / "embeddings", "encode", {}, {}, cache)
     cfg = tiny_tssr(root, "tssr.content=cache", "tssr.use_image=false", "tssr.train.engine=single")
     with pytest.raises(FileNotFoundError, match="no image.npy"):
-        train_tssr(tiny_tssr(root, "tssr.content=cache", "tssr.train.engine=single"))
-    m = train_tssr(cfg)["metrics"]
+        stages.run(tiny_tssr(root, "tssr.content=cache", "tssr.train.engine=single"), "train-tssr")
+    m = stages.run(cfg, "train-tssr")["metrics"]
     assert (m["model"], m["content"], m["engine"], m["world_size"], m["epochs_run"]) == ("tssr", "cache", "single", 1, 2)
     assert m["test"]["users"] == m["valid"]["users"] == len(dataset.users)  # full ranking over every user
     assert m["parameters"]["encoders"] == 0 and m["peak_memory_mb_per_rank"][0] > 0
@@ -144,7 +145,7 @@ def test_cache_mode_single_process(data):
     model = build_recommender(cfg.tssr, dataset.num_items, {"text": torch.from_numpy(text)})
     model.load_state_dict(best)
     assert torch.equal(model.content.table, torch.from_numpy(text))
-    assert train_tssr(cfg)["finished_at"] == json.loads((root / "tssr" / "manifest.json").read_text())["finished_at"]
+    assert stages.run(cfg, "train-tssr")["finished_at"] == json.loads((root / "tssr" / "manifest.json").read_text())["finished_at"]
 
 
 # ------------------------------------------------------------------ 2 ranks, DeepSpeed ZeRO-2 on CPU
@@ -231,18 +232,18 @@ def _worker_runs(root: Path) -> None:
             if not link.exists():
                 link.symlink_to(root / stage)
     zero2 = ("tssr.train.engine=deepspeed", "tssr.train.zero_stage=2")
-    train_tssr(tiny_tssr(root / "full", *zero2))
+    stages.run(tiny_tssr(root / "full", *zero2), "train-tssr")
     killed = tiny_tssr(root / "killed", *zero2)
     try:
-        train_tssr(killed, stop_after_epoch=0)
+        stages.run(killed, "train-tssr", stop_after_epoch=0)
         raise SystemExit("stop_after_epoch did not stop")
     except TrainingInterrupted:
         pass
     torch.manual_seed(12345)  # a fresh process would not continue the old RNG stream
-    train_tssr(killed)
-    train_tssr(tiny_tssr(root / "accum", *zero2, "tssr.train.grad_accum=2", "tssr.train.batch_size=16",
+    stages.run(killed, "train-tssr")
+    stages.run(tiny_tssr(root / "accum", *zero2, "tssr.train.grad_accum=2", "tssr.train.batch_size=16",
                          "tssr.steps_per_epoch=7", "tssr.use_image=false",
-                         "tssr.train.epochs=1"))
+                         "tssr.train.epochs=1"), "train-tssr")
 
 
 if __name__ == "__main__":  # torchrun worker: root
