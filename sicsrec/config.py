@@ -96,7 +96,11 @@ class TrainConfig(SequenceTrainConfig):
     # embeddings, <run_dir>/embeddings, scaled to the same std: sicsrec.embedding_cache.content_pca;
     # needs the encode stage first). Step 1 only.
     item_init: str = "random"
-    ADDED_FIELDS: ClassVar[dict] = {**SequenceTrainConfig.ADDED_FIELDS, "item_init": "random"}
+    # SASRec only: score against the input item table (True: RecBole's and the papers' SASRec) or a
+    # separate output table (False). Tied, h . e_last dominates: the top-1 is the user's last item
+    # for most users (benchmarks/quality.py diagnostics), where targets almost never repeat.
+    tied_output: bool = True
+    ADDED_FIELDS: ClassVar[dict] = {**SequenceTrainConfig.ADDED_FIELDS, "item_init": "random", "tied_output": True}
     REMOVED_FIELDS: ClassVar[dict] = {}
 
 

@@ -80,7 +80,7 @@ class SICSRecLoss(nn.Module):
         """Theta of eq. 19, its trainable members: E_id (with reg_id_emb), the content adapters and
         the content tables when they train."""
         model = self.recommender
-        theta = [model.id_encoder.item_emb.weight] if self.reg_id_emb else []
+        theta = [p for _, p in model.parameter_groups()["id_emb"]] if self.reg_id_emb else []  # + untied output
         theta += [p for a in (model.text_adapter, model.image_adapter) if a is not None for p in a.parameters()]
         theta += [t for t in (model.text_table, model.image_table) if isinstance(t, nn.Parameter)]
         return [p for p in theta if p.requires_grad]

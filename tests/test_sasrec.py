@@ -69,6 +69,30 @@ def test_sasrec_layers_have_stable_linear_names_for_lora():
     torch.testing.assert_close(lora.base_model.model.score_all(inputs), before)  # LoRA starts as identity
 
 
+def test_untied_sasrec_scores_and_trains_against_its_output_table():
+    torch.manual_seed(0)
+    model = SASRec(NUM_ITEMS, hidden=16, layers=1, heads=2, dropout=0.0, max_len=8, tied_output=False)
+    assert model.item_table() is model.out_emb.weight and not torch.equal(model.out_emb.weight, model.item_emb.weight)
+    assert model.out_emb.weight[0].abs().sum() == 0  # padding row, like the input table
+    inputs, targets = collate([[1, 2, 3, 4], [5, 6, 7]], max_len=8)
+    hidden = model.hidden_states(inputs)
+    expected = F.cross_entropy((hidden @ model.out_emb.weight[1:].T)[targets > 0], targets[targets > 0] - 1,
+                               reduction="sum")
+    loss_sum, _ = NextItemLoss(model)(inputs, targets)
+    torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-5)
+    loss_sum.backward()
+    assert model.out_emb.weight.grad.abs().sum() > 0 and model.item_emb.weight.grad.abs().sum() > 0
+
+
+def test_untied_output_is_sasrec_only():
+    from sicsrec.config import TrainConfig
+    from sicsrec.models import build_id_model
+
+    assert build_id_model(TrainConfig(tied_output=False), NUM_ITEMS).out_emb is not None
+    with pytest.raises(ValueError, match="SASRec only"):
+        build_id_model(TrainConfig(model="gru4rec", tied_output=False), NUM_ITEMS)
+
+
 def test_sasrec_rejects_too_long_sequences():
     with pytest.raises(ValueError, match="max_len"):
         models()[0].hidden_states(torch.ones(1, 9, dtype=torch.long))

@@ -38,9 +38,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def step1() -> SASRec:
+def step1(tied_output: bool = True) -> SASRec:
     torch.manual_seed(0)
-    return SASRec(N, hidden=D, layers=2, heads=2, dropout=0.0, max_len=8).eval()
+    return SASRec(N, hidden=D, layers=2, heads=2, dropout=0.0, max_len=8, tied_output=tied_output).eval()
 
 
 def tables() -> dict:
@@ -56,9 +56,9 @@ def config(strategy: str, **changes) -> SICSRecConfig:
                                              dropout=0.0, lora_rank=2, alpha=0.5, temperature=0.2), **changes)
 
 
-def build(cfg: SICSRecConfig, phase: str, init_state=None, seed: int = 0):
+def build(cfg: SICSRecConfig, phase: str, init_state=None, seed: int = 0, tied_output: bool = True):
     torch.manual_seed(seed)
-    return build_step2_model(cfg, step1(), tables(), phase, init_state)
+    return build_step2_model(cfg, step1(tied_output), tables(), phase, init_state)
 
 
 def batch(seed: int = 0):
@@ -180,6 +180,23 @@ def test_which_strategies_start_trained():
     assert not starts_at_step1(config("end_to_end"))
     for name in CONTENT:
         assert not starts_at_step1(config(name), "content") and starts_at_step1(config(name), "id")
+
+
+@pytest.mark.parametrize("strategy", ["fixed_id_enc", "fixed_id_emb_enc", "end_to_end"])
+def test_an_untied_output_table_is_part_of_e_id(strategy):
+    """train_id.tied_output=false: the output table scores (eq. 16), sits in id_emb beside the input
+    table, trains exactly when E_id does and is regularised with it."""
+    model = build(config(strategy), "", tied_output=False)
+    out_table = model.id_encoder.out_emb.weight
+    assert model.item_table() is out_table and out_table is not model.id_encoder.item_emb.weight
+    assert [n for n, _ in model.parameter_groups()["id_emb"]] == ["id_encoder.item_emb.weight",
+                                                                  "id_encoder.out_emb.weight"]
+    id_emb_trains = "id_emb" in EXPECTED[(strategy, "")]
+    assert out_table.requires_grad == model.id_encoder.item_emb.weight.requires_grad == id_emb_trains
+    theta = SICSRecLoss(model, 0.5, 0.2, 0.01).regularized()
+    assert any(p is out_table for p in theta) == id_emb_trains
+    hidden = torch.randn(2, D)
+    torch.testing.assert_close(model.logits(hidden)[:, 1:], hidden @ out_table[1:].T)
 
 
 def test_theta_is_the_trainable_e_id_and_adapters_and_similarity_is_a_key():

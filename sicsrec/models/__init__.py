@@ -13,4 +13,6 @@ def build_id_model(cfg, num_items: int) -> SequentialRecommender:
     """The step-1 model named by `cfg.model` (a TrainConfig), for `num_items` items."""
     if cfg.model not in ID_MODELS:
         raise ValueError(f"train_id.model must be one of {sorted(ID_MODELS)}, got {cfg.model!r}")
+    if not cfg.tied_output and cfg.model != "sasrec":
+        raise ValueError(f"train_id.tied_output=false (a separate output table) is SASRec only, not {cfg.model!r}")
     return ID_MODELS[cfg.model].from_config(cfg, num_items)

@@ -12,7 +12,8 @@ of the prefix up to t: training at every position matches evaluating prefixes.
 Attention uses plain `nn.Linear` layers named q_proj/k_proj/v_proj/out_proj and ffn.fc1/fc2, so
 SICSRec step 2 can wrap them with peft LoRA.
 
-Scores are h . e_item with the input item embedding (tied); the padding column is -inf.
+Scores are h . e_item with the input item embedding (tied; `tied_output=False` scores against a
+separate output table `out_emb`); the padding column is -inf.
 `use_sparse_item_grad` (`train_id.sparse_item_grad`) gives that table row-sparse gradients.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+# parameter-name prefixes of a SASRec's item tables (input, untied output): E_id in SICSRec step 2
+ITEM_TABLE_PREFIXES = ("item_emb.", "out_emb.")
 
 
 def item_positions(items: torch.Tensor) -> torch.Tensor:
@@ -186,17 +189,23 @@ class PositionalTransformer(SequentialRecommender):
 
 class SASRec(PositionalTransformer):
     def __init__(self, num_items: int, hidden: int = 64, layers: int = 2, heads: int = 2, dropout: float = 0.5,
-                 max_len: int = 50, ffn_dim: int = 0, activation: str = "relu"):
+                 max_len: int = 50, ffn_dim: int = 0, activation: str = "relu", tied_output: bool = True):
         super().__init__()
         self.num_items = num_items
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)
+        self.out_emb = None if tied_output else nn.Embedding(num_items + 1, hidden, padding_idx=0)
         self.build_encoder(hidden, layers, heads, dropout, max_len, ffn_dim, activation)
         self.apply(_init_weights)
 
     @classmethod
     def from_config(cls, cfg, num_items: int) -> "SASRec":
-        """From the step-1 config (`train_id`: hidden, layers, heads, dropout, max_len, ffn_dim, activation)."""
-        return cls(num_items, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout, cfg.max_len, cfg.ffn_dim, cfg.activation)
+        """From the step-1 config (`train_id`: hidden, layers, heads, dropout, max_len, ffn_dim, activation,
+        tied_output)."""
+        return cls(num_items, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout, cfg.max_len, cfg.ffn_dim, cfg.activation,
+                   cfg.tied_output)
+
+    def item_table(self) -> torch.Tensor:
+        return self.item_emb.weight if self.out_emb is None else self.out_emb.weight
 
     def input_embeddings(self, items: torch.Tensor) -> torch.Tensor:
         return self.item_emb(items)

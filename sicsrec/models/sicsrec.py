@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sicsrec.models.sasrec import SASRec, TransformerBlock, causal_padding_mask, item_positions
+from sicsrec.models.sasrec import ITEM_TABLE_PREFIXES, SASRec, TransformerBlock, causal_padding_mask, item_positions
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+ID_TABLE_NAMES = tuple("id_encoder." + prefix for prefix in ITEM_TABLE_PREFIXES)
 
 
 @dataclass
@@ -146,7 +147,8 @@ class SICSRec(ContentTables):
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Every parameter, named, in the group the step-2 strategies (Table 9) freeze or train:
-          id_emb       E_id, the ID encoder's item table (input embeddings and eq. 16 scores)
+          id_emb       E_id, the ID encoder's item table (input embeddings and eq. 16 scores; with
+                       `train_id.tied_output=false` also its separate output table)
           id_enc       the rest of the ID encoder: positions, norm, blocks (GRU4Rec: GRU, dense),
                        their LoRA excluded
           lora         the LoRA A/B matrices injected into the ID encoder's linears (eq. 20)
@@ -160,7 +162,7 @@ class SICSRec(ContentTables):
             k: [] for k in ("id_emb", "id_enc", "lora", "content_emb", "content_enc", "mix")}
         for name, p in self.named_parameters():
             if name.startswith("id_encoder."):
-                group = "lora" if "lora_" in name else "id_emb" if name.startswith("id_encoder.item_emb.") else "id_enc"
+                group = "lora" if "lora_" in name else "id_emb" if name.startswith(ID_TABLE_NAMES) else "id_enc"
             elif name.startswith(("text_adapter.", "image_adapter.")) or name in ("text_table", "image_table"):
                 group = "content_emb"
             elif name.startswith(("content_pos.", "content_norm.", "cmse.")):
@@ -246,7 +248,7 @@ def freeze_with_lora(id_encoder: SASRec, rank: int = 4, alpha: int | None = None
     """Freeze the weights of the step-1 encoder and (optionally) inject peft LoRA into its
     attention and FFN linears: W0 + B A with A ~ normal, B = 0 (eq. 20), so the step-2 model
     starts exactly at the step-1 function. Trainable afterwards: the `lora_` parameters, and the
-    item table E_id (`item_emb`) with `train_embedding` (Table 9 "Fixed IDEnc"); everything else
+    item table E_id (`item_emb`, and `out_emb` where the output is untied) with `train_embedding` (Table 9 "Fixed IDEnc"); everything else
     is frozen ("Fixed IDEmb&Enc" without `train_embedding`)."""
     for p in id_encoder.parameters():
         p.requires_grad_(False)
@@ -258,5 +260,5 @@ def freeze_with_lora(id_encoder: SASRec, rank: int = 4, alpha: int | None = None
                             init_lora_weights="gaussian")
         model = inject_adapter_in_model(config, id_encoder)
     for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name or (train_embedding and name.startswith("item_emb.")))
+        p.requires_grad_("lora_" in name or (train_embedding and name.startswith(ITEM_TABLE_PREFIXES)))
     return model
