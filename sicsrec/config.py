@@ -100,7 +100,11 @@ class TrainConfig(SequenceTrainConfig):
     # separate output table (False). Tied, h . e_last dominates: the top-1 is the user's last item
     # for most users (benchmarks/quality.py diagnostics), where targets almost never repeat.
     tied_output: bool = True
-    ADDED_FIELDS: ClassVar[dict] = {**SequenceTrainConfig.ADDED_FIELDS, "item_init": "random", "tied_output": True}
+    # SASRec, loss=full only: a learned offset on the scores of the items already in the user's history
+    # (sicsrec.models.sasrec.history_offsets): the model learns from the data how often users repeat
+    history_bias: bool = False
+    ADDED_FIELDS: ClassVar[dict] = {**SequenceTrainConfig.ADDED_FIELDS, "item_init": "random", "tied_output": True,
+                                    "history_bias": False}
     REMOVED_FIELDS: ClassVar[dict] = {}
 
 

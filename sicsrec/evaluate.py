@@ -96,27 +96,36 @@ class RankCounter:
     and optionally the running top-K items per row and the top-1 item (`top1`: the best score,
     ties to the lowest id, order-independent).
 
-    target_scores: [B]; targets: [B] item ids; histories: per row, items that are no candidates
-    (except the target), or None. The target's own column never counts.
+    target_scores: [B]; targets: [B] item ids; histories: per row, the user's history items, or
+    None. Their scores get `history_offset`: -inf (default) masks them (no candidates, except the
+    target); a finite offset is a history bias added to every history item's score, the target's
+    too when it is a repeat (a model's learned `history_bias`). The target's own column never counts.
     """
 
     def __init__(self, target_scores: torch.Tensor, targets: torch.Tensor,
                  histories: Sequence[Sequence[int]] | None = None, ties: str = "pessimistic", top_k: int = 0,
-                 top1: bool = False):
+                 top1: bool = False, history_offset: float = float("-inf")):
         if ties not in ("pessimistic", "optimistic"):
             raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
         if torch.isnan(target_scores).any():
             raise ValueError("scores contain NaN")
         device = target_scores.device
-        self.target_scores = target_scores.float()[:, None]
         self.targets, self.ties, self.top_k, self.top1 = targets.to(device), ties, top_k, top1
-        rows, cols = [], []
+        self.offset = float(history_offset)
+        rows, cols, repeats = [], [], []
         for row, (history, target) in enumerate(zip(histories or [], targets.tolist())):
-            seen = sorted(set(history) - {target})  # each masked item once; never the target
+            seen = sorted(set(history) - {target})  # each history item once; the target apart
             rows += [row] * len(seen)
             cols += seen
+            if target in history:
+                repeats.append(row)
         self.masked_rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.masked_cols = torch.tensor(cols, dtype=torch.long, device=device)
+        # a finite offset moves a repeated target's score as well (masking leaves it a candidate)
+        self.repeat_rows = torch.tensor(repeats if math.isfinite(self.offset) else [], dtype=torch.long, device=device)
+        target_scores = target_scores.float().clone()
+        target_scores[self.repeat_rows] += self.offset
+        self.target_scores = target_scores[:, None]
         self.counts = torch.zeros(len(targets), dtype=torch.long, device=device)
         # top-K starts as K placeholders (score -inf, item 0) that any real candidate replaces
         self.top_scores = torch.full((len(targets), top_k), float("-inf"), device=device)
@@ -129,22 +138,32 @@ class RankCounter:
         if torch.isnan(block).any():
             raise ValueError("scores contain NaN")
         end = start + block.shape[1]
-        beats = block >= self.target_scores if self.ties == "pessimistic" else block > self.target_scores
+        beats = self._beats(block, self.target_scores)
         self.counts += beats.sum(1, dtype=torch.int32)  # int32: the sum's [B, C] temporary (CPU) is half of int64's
         own = ((self.targets >= start) & (self.targets < end)).nonzero()[:, 0]
         self.counts[own] -= beats[own, self.targets[own] - start].long()  # the target is not its own rival
         inside = (self.masked_cols >= start) & (self.masked_cols < end)
         rows, cols = self.masked_rows[inside], self.masked_cols[inside] - start
-        self.counts.index_add_(0, rows, -beats[rows, cols].long())  # masked history items do not count
+        # history items count with their offset score: never when masked (-inf)
+        shifted = block[rows, cols].float() + self.offset
+        rival = self._beats(shifted, self.target_scores[rows, 0])
+        self.counts.index_add_(0, rows, rival.long() - beats[rows, cols].long())
         if self.top_k or self.top1:
-            if len(rows):
-                block = block.index_put((rows, cols), torch.tensor(float("-inf"), device=block.device))
+            repeats = self.repeat_rows[(self.targets[self.repeat_rows] >= start) & (self.targets[self.repeat_rows] < end)]
+            if len(rows) or len(repeats):
+                block = block.float().index_put((rows, cols), shifted)
+                block = block.index_put((repeats, self.targets[repeats] - start),
+                                        block[repeats, self.targets[repeats] - start] + self.offset)
             if self.top_k:
                 scores, items = block.float().topk(min(self.top_k, block.shape[1]), dim=1)
                 self.merge_top_k(scores, items + start)
             if self.top1:
                 scores, items = block.float().max(1)  # the first (lowest id) of equal maxima
                 self.merge_top1(scores, items + start)
+
+    def _beats(self, scores: torch.Tensor, target_scores: torch.Tensor) -> torch.Tensor:
+        """Where `scores` rank at or above (pessimistic) / above (optimistic) the target's."""
+        return scores >= target_scores if self.ties == "pessimistic" else scores > target_scores
 
     def merge_top_k(self, scores: torch.Tensor, items: torch.Tensor) -> None:
         """Merge candidate (scores, items) [B, *] into the running top-K."""
@@ -160,18 +179,20 @@ class RankCounter:
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, histories: Sequence[Sequence[int]] | None = None,
-                 ties: str = "pessimistic", item_chunk: int = 0) -> torch.Tensor:
+                 ties: str = "pessimistic", item_chunk: int = 0, history_offset: float = float("-inf")) -> torch.Tensor:
     """0-based rank of each target among items 1..N.
 
     scores: [B, N+1] (column 0 is padding and never ranks); targets: [B] ids in 1..N;
     histories: per row, items that are no candidates unless equal to the target; None masks
-    nothing. item_chunk > 0 counts the columns in blocks of that many items (same result).
+    nothing; a finite `history_offset` adds that to their scores instead (RankCounter).
+    item_chunk > 0 counts the columns in blocks of that many items (same result).
     """
     if scores.dim() != 2 or scores.shape[0] != targets.shape[0]:
         raise ValueError(f"scores must be [batch, num_items+1], got {tuple(scores.shape)} for {targets.shape[0]} targets")
     if (targets < 1).any() or (targets >= scores.shape[1]).any():
         raise ValueError(f"targets must be item ids in 1..{scores.shape[1] - 1}")
-    counter = RankCounter(scores.gather(1, targets[:, None])[:, 0], targets, histories, ties)
+    counter = RankCounter(scores.gather(1, targets[:, None])[:, 0], targets, histories, ties,
+                          history_offset=history_offset)
     for start, end in item_chunks(1, scores.shape[1], item_chunk):
         counter.add(start, scores[:, start:end])
     return counter.counts
@@ -279,7 +300,7 @@ def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: i
              progress: bool = False, *, item_table: ItemTable | None = None, item_chunk: int = 0,
              item_shard: bool = False, top_k: int = 0, top_k_path: str | Path | None = None,
              user_sample: int = 0, user_seed: int = 0, equal_batches: bool | None = None,
-             diagnostics: bool = False, trim_padding: bool = False) -> dict:
+             diagnostics: bool = False, trim_padding: bool = False, history_bias: float | None = None) -> dict:
     """Mean Hit@K / NDCG@K on `split` (valid or test) over all users (or a seeded sample).
 
     score_fn maps [B, max_len] left-padded histories (on `device`) to [B, N+1] scores or, when
@@ -291,7 +312,9 @@ def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: i
     equal_batches (default: on when W > 1) gives every rank the same number of forward calls.
     diagnostics adds hit@1, mrr, median_rank, top1_in_history, top1_is_last, target_is_repeat.
     trim_padding hands score_fn each batch padded to its longest history instead of max_len
-    (shards.windows.trim_left_padding).
+    (shards.windows.trim_left_padding). history_bias (with `item_table`): a model's learned
+    offset added to the scores of the history items its input holds (the last max_len; SASRec
+    `train_id.history_bias`); mask_history (the whole history) overrides it.
     Under torch.distributed every rank must call this; rank/world_size default to the group's.
     """
     if split not in ("valid", "test"):
@@ -343,7 +366,9 @@ def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: i
             if shared:
                 target_scores = _all_reduce(target_scores, device)  # each target's score from its owner
             block = lambda s, e: score_block(out, items.chunk(s, e))  # noqa: E731
-        counter = RankCounter(target_scores, targets, histories if mask_history else None, ties, top_k, diagnostics)
+        offset = float("-inf") if mask_history else history_bias
+        counter = RankCounter(target_scores, targets, None if offset is None else histories, ties, top_k, diagnostics,
+                              history_offset=float("-inf") if offset is None else offset)
         for s, e in item_chunks(start, end, item_chunk):
             counter.add(s, block(s, e))
         return counter
@@ -363,7 +388,9 @@ def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: i
             continue
         histories = [u.history(split) for u in batch]
         targets = torch.tensor([u.target(split) for u in batch], device=device)
-        counter = rank_batch(score_fn(padded(histories)), targets, histories)
+        # a history bias is part of the model: it sees the items the model sees (the last max_len)
+        biased = histories if history_bias is None or mask_history else [h[-max_len:] for h in histories]
+        counter = rank_batch(score_fn(padded(histories)), targets, biased)
         ranks = counter.counts
         if shared:
             ranks = _all_reduce(ranks, device)  # the per-user counts over all item slices

@@ -154,8 +154,10 @@ def draw_negatives(k: int, num_items: int, item_probs: Tensor | None, device: to
 
 # ---------------------------------------------------------------- the three losses
 
-def _full(hidden: Tensor, table: Tensor, targets: Tensor) -> Tensor:
+def _full(hidden: Tensor, table: Tensor, targets: Tensor, offsets: Tensor | None = None) -> Tensor:
     scores = hidden.float() @ table.float().T
+    if offsets is not None:
+        scores = scores + offsets.float()
     scores[..., 0] = float("-inf")
     return F.cross_entropy(scores, targets, reduction="sum")
 
@@ -243,23 +245,28 @@ def _sampled(hidden: Tensor, table: Tensor, targets: Tensor, params: NextItemPar
 
 
 def next_item_loss(hidden: Tensor, item_table: Tensor, targets: Tensor, params: NextItemParams | None = None,
-                   item_probs: Tensor | None = None, *, negatives: Tensor | None = None) -> NextItemOutput:
+                   item_probs: Tensor | None = None, *, negatives: Tensor | None = None,
+                   offsets: Tensor | None = None) -> NextItemOutput:
     """Next-item CE of hidden states against the output item table.
 
     hidden [..., d]; item_table [N+1, d] (row 0 = padding, what the model's `logits` scores
     against); targets [...] item ids, 0 = padding (those positions are dropped). `params`: a
     NextItemParams (None = full). `item_probs` [N+1]: the popularity sampling distribution
     (sampler=popularity). `negatives` [K]: explicit shared negatives for `sampled` (tests);
-    otherwise drawn. Scores and loss are fp32 whatever the autocast context (as `logits`).
-    Returns (CE sum over this rank's targets, their count, stats)."""
+    otherwise drawn. `offsets` [..., N+1]: added to the scores (a model's history bias,
+    `sicsrec.models.sasrec.history_offsets`; full only). Scores and loss are fp32 whatever the
+    autocast context (as `logits`). Returns (CE sum over this rank's targets, their count, stats)."""
     params = params or FULL
+    if offsets is not None and params.loss != "full":
+        raise ValueError(f"a history bias needs loss=full, got loss={params.loss}")
     real = targets != 0
     hidden, targets = hidden[real], targets[real]
+    offsets = None if offsets is None else offsets[real]
     count = real.sum()
     stats: dict = {}
     with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits: bf16 would tie many items
         if params.loss == "full":
-            loss = _full(hidden, item_table, targets)
+            loss = _full(hidden, item_table, targets, offsets)
         elif params.loss == "chunked":
             loss = _chunked(hidden, item_table, targets, params.loss_chunk)
         elif params.loss == "sampled":
@@ -302,8 +309,9 @@ class NextItemCriterion:
             self._probs_on[device] = self.item_probs.to(device)
         return self._probs_on[device]
 
-    def __call__(self, hidden: Tensor, item_table: Tensor, targets: Tensor) -> NextItemOutput:
-        out = next_item_loss(hidden, item_table, targets, self.params, self._probs(hidden.device))
+    def __call__(self, hidden: Tensor, item_table: Tensor, targets: Tensor,
+                 offsets: Tensor | None = None) -> NextItemOutput:
+        out = next_item_loss(hidden, item_table, targets, self.params, self._probs(hidden.device), offsets=offsets)
         self.last_stats = out.stats
         return out
 

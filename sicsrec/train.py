@@ -36,7 +36,7 @@ from sicsrec.engine import RunCheckpoint, build_engine
 from sicsrec.evaluate import evaluate
 from sicsrec.loop import LazyBatches, TrainingInterrupted, TrainLoop, fit_summary
 from sicsrec.models import build_id_model
-from sicsrec.models.sasrec import SequentialRecommender
+from sicsrec.models.sasrec import SequentialRecommender, history_offsets
 from sicsrec.next_item import NextItemCriterion
 from sicsrec.optim import build_optimizer
 from sicsrec.preemption import exit_for_requeue
@@ -59,8 +59,11 @@ class NextItemLoss(nn.Module):
         self.criterion = criterion or NextItemCriterion()
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
-        hidden = self.recommender.hidden_states(inputs)
-        ce_sum, count, _ = self.criterion(hidden, self.recommender.item_table(), targets)
+        model = self.recommender
+        hidden = model.hidden_states(inputs)
+        table = model.item_table()
+        offsets = history_offsets(model.history_bias(), inputs, table.shape[0])
+        ce_sum, count, _ = self.criterion(hidden, table, targets, offsets)
         return ce_sum, count
 
 
@@ -82,6 +85,7 @@ class Trainer(TrainLoop):
             raise ValueError("no user has >= 2 training items: nothing to train on")
         torch.manual_seed(seed)  # the same initial weights on every rank
         self.model, loss_module = self.build()
+        self.content = None  # read by build() only: do not hold the cache for the whole run
         # how the loss module computes its next-item CE (`<section>.loss`; sicsrec.next_item)
         loss_module.criterion = NextItemCriterion.from_config(cfg, dataset, self.config_section)
         optimizer = build_optimizer(loss_module, cfg)
@@ -120,7 +124,9 @@ class Trainer(TrainLoop):
                 return model.sequence_repr(histories)
 
         with engine.gathered(), torch.no_grad():
+            bias = model.history_bias()
             return evaluate(user_fn, self.dataset, split, cfg.max_len, cfg.eval_batch_size,
+                            history_bias=None if bias is None else float(bias),
                             mask_history=cfg.mask_history, device=engine.device, progress=self.env.is_main,
                             item_table=model.item_table(), item_chunk=cfg.eval_item_chunk,
                             user_sample=cfg.eval_users if split == "valid" else cfg.test_users,

@@ -58,6 +58,7 @@ from sicsrec.config import SICSRecConfig
 from sicsrec.embedding_cache import load_embedding_cache
 from sicsrec.loop import fit_summary
 from sicsrec.losses import concl_loss
+from sicsrec.models.sasrec import history_offsets
 from sicsrec.models.sicsrec import SICSRec, SICSRecVariant, freeze_with_lora
 from sicsrec.next_item import criterion_of
 from sicsrec.runtime.rundir import StageRun, Upstream, run_declared
@@ -93,7 +94,9 @@ class SICSRecLoss(nn.Module):
         model = self.recommender
         hidden = model.hidden_states(inputs)
         # `criterion` (set by the Trainer from sicsrec.train.loss): full | chunked | sampled
-        ce_sum, count, _ = criterion_of(self)(hidden, model.item_table(), targets)
+        table = model.item_table()
+        offsets = history_offsets(model.history_bias(), inputs, table.shape[0])
+        ce_sum, count, _ = criterion_of(self)(hidden, table, targets, offsets)
         extra = hidden.new_zeros(())
         if self.alpha > 0:
             last = targets[:, -1]  # windows end at their last item: the last target is always real

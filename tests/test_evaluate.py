@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from shards.prepared import Item, PreparedDataset, UserSequence
 from shards.windows import pad_left
-from sicsrec.evaluate import evaluate, item_range, metric_sums, sample_users, target_ranks
+from sicsrec.evaluate import RankCounter, evaluate, item_chunks, item_range, metric_sums, sample_users, target_ranks
 from sicsrec.models.sasrec import SASRec
 
 NEG = float("-inf")
@@ -213,6 +213,26 @@ def test_evaluate_on_a_model_item_table_equals_its_score_matrix():
             got = evaluate(model.sequence_repr, ds, "test", 8, batch_size=5, mask_history=mask,
                            item_table=model.item_emb.weight, item_chunk=chunk)
             assert got == expected
+
+
+def test_evaluate_with_a_learned_history_bias_equals_the_models_own_scores():
+    """SASRec(history_bias=True): evaluate on its item table with history_bias = its score_all
+    (which adds the bias to the history items' scores itself), diagnostics included."""
+    torch.manual_seed(0)
+    model, ds = SASRec(30, hidden=16, layers=1, heads=2, dropout=0.0, max_len=8, history_bias=True).eval(), random_dataset()
+    with torch.no_grad():
+        model.history_logit.fill_(-0.3)
+    bias = float(model.history_bias().detach())
+    assert bias == pytest.approx(-3.0)
+    with torch.no_grad():
+        for split in ("valid", "test"):
+            expected = evaluate(model.score_all, ds, split, 8, batch_size=5, diagnostics=True)
+            got = evaluate(model.sequence_repr, ds, split, 8, batch_size=5, item_table=model.item_table(),
+                           item_chunk=7, history_bias=bias, diagnostics=True)
+            assert got == pytest.approx(expected)
+            plain = evaluate(model.sequence_repr, ds, split, 8, batch_size=5, item_table=model.item_table(),
+                             diagnostics=True)
+            assert plain["top1_in_history"] > got["top1_in_history"]
 
 
 def read_top_k(path):
@@ -509,3 +529,29 @@ def test_quality_tables_show_the_diagnostics_and_n_a_for_results_saved_before_th
     assert lines[3] == ("| New | 0.0100 ± 0.0000 | 0.0400 ± 0.0000 | 31.0 ± 1.4 | 0.9000 ± 0.0000 | 0.8500 ± 0.0000 "
                         "| 0.0200 ± 0.0000 | 2 |")
     assert lines[4].startswith("| Mixed | 0.0100 ± 0.0000 (n=1) |")
+
+
+@pytest.mark.parametrize("offset", [-2.0, 1.5])
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+def test_a_history_offset_ranks_like_adding_it_to_the_history_scores(offset, ties):
+    """A finite history_offset (a learned history bias) = adding it to every history item's score,
+    a repeated target's too, then ranking without histories; any chunking; top-K and top-1 alike."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(6, 21, generator=g).round(decimals=1)  # rounded: ties happen
+    scores[:, 0] = float("-inf")
+    histories = [[1, 2, 3], [4, 4, 5], [], [7, 8, 9, 10], [11], [12, 13]]
+    targets = torch.tensor([2, 6, 3, 10, 11, 14])  # rows 0, 3, 4: the target is a repeat
+    shifted = scores.clone()
+    for row, history in enumerate(histories):
+        shifted[row, sorted(set(history))] += offset
+    want = target_ranks(shifted, targets, ties=ties)
+    for chunk in (0, 4):
+        got = target_ranks(scores, targets, histories, ties=ties, item_chunk=chunk, history_offset=offset)
+        assert torch.equal(got, want)
+    counter = RankCounter(scores.gather(1, targets[:, None])[:, 0], targets, histories, ties, top_k=3, top1=True,
+                          history_offset=offset)
+    for start, end in item_chunks(1, 21, 5):
+        counter.add(start, scores[:, start:end])
+    assert torch.equal(counter.counts, want)
+    assert torch.equal(counter.top_scores, shifted[:, 1:].topk(3, dim=1).values)
+    assert torch.equal(counter.top1_scores, shifted[:, 1:].max(1).values)

@@ -84,6 +84,33 @@ def test_untied_sasrec_scores_and_trains_against_its_output_table():
     assert model.out_emb.weight.grad.abs().sum() > 0 and model.item_emb.weight.grad.abs().sum() > 0
 
 
+def test_the_history_bias_is_added_to_the_items_seen_up_to_each_position():
+    """history_bias=True: the training CE at position t scores h_t . e_i + b [i in items <= t]
+    (reference: one prediction at a time with score_all, which adds b to the row's history)."""
+    torch.manual_seed(0)
+    model = SASRec(NUM_ITEMS, hidden=16, layers=1, heads=2, dropout=0.0, max_len=8, history_bias=True)
+    assert float(model.history_bias().detach()) == 0.0  # starts at the plain SASRec
+    with torch.no_grad():
+        model.history_logit.fill_(0.25)
+    windows = [[1, 2, 1, 3, 2, 4], [5, 6, 5, 5]]  # repeats, so some targets are history items
+    inputs, targets = collate(windows, max_len=8)
+    loss_sum, count = NextItemLoss(model)(inputs, targets)
+    expected = 0.0
+    for w in windows:
+        for t in range(1, len(w)):
+            scores = model.score_all(pad_left([w[:t]], 8))[0, 1:]
+            expected += F.cross_entropy(scores[None], torch.tensor([w[t] - 1]), reduction="sum")
+    assert count.item() == 5 + 3
+    torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-5)
+    seen = pad_left([[1, 2, 1]], 8)
+    plain = model.logits(model.sequence_repr(seen))
+    want = torch.zeros(NUM_ITEMS)
+    want[[0, 1]] = 2.5  # items 1 and 2 (1 twice: once)
+    torch.testing.assert_close((model.score_all(seen) - plain)[0, 1:], want)
+    loss_sum.backward()
+    assert model.history_logit.grad.abs() > 0
+
+
 def test_untied_output_is_sasrec_only():
     from sicsrec.config import TrainConfig
     from sicsrec.models import build_id_model
@@ -91,6 +118,10 @@ def test_untied_output_is_sasrec_only():
     assert build_id_model(TrainConfig(tied_output=False), NUM_ITEMS).out_emb is not None
     with pytest.raises(ValueError, match="SASRec only"):
         build_id_model(TrainConfig(model="gru4rec", tied_output=False), NUM_ITEMS)
+    assert build_id_model(TrainConfig(history_bias=True), NUM_ITEMS).history_bias() is not None
+    for bad in (dict(model="gru4rec"), dict(loss="sampled")):
+        with pytest.raises(ValueError, match="history_bias=true needs"):
+            build_id_model(TrainConfig(history_bias=True, **bad), NUM_ITEMS)
 
 
 def test_sasrec_rejects_too_long_sequences():

@@ -1,5 +1,6 @@
 """Step-2 training strategies (Table 9): exactly the right parameters train under each one, and no
 variant ever holds a trainable parameter without a gradient path (DDP would fail on it)."""
+import copy
 import dataclasses
 
 import pytest
@@ -197,6 +198,21 @@ def test_an_untied_output_table_is_part_of_e_id(strategy):
     assert any(p is out_table for p in theta) == id_emb_trains
     hidden = torch.randn(2, D)
     torch.testing.assert_close(model.logits(hidden)[:, 1:], hidden @ out_table[1:].T)
+
+
+def test_a_history_bias_scores_step2_and_trains_with_e_id():
+    """train_id.history_bias: the step-1 bias stays part of the scores in step 2, in id_emb."""
+    torch.manual_seed(0)
+    encoder = SASRec(N, hidden=D, layers=2, heads=2, dropout=0.0, max_len=8, history_bias=True).eval()
+    with torch.no_grad():
+        encoder.history_logit.fill_(-0.2)
+    step1_scores = encoder.score_all(batch()[0])
+    for strategy, trains in (("fixed_id_enc", True), ("fixed_id_emb_enc", False)):
+        torch.manual_seed(0)
+        model = build_step2_model(config(strategy), copy.deepcopy(encoder), tables(), "", None).eval()
+        assert "id_encoder.history_logit" in [n for n, _ in model.parameter_groups()["id_emb"]]
+        assert model.id_encoder.history_logit.requires_grad == trains
+        torch.testing.assert_close(model.score_all(batch()[0])[:, 1:], step1_scores[:, 1:], atol=1e-5, rtol=1e-5)
 
 
 def test_theta_is_the_trainable_e_id_and_adapters_and_similarity_is_a_key():

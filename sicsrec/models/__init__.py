@@ -15,4 +15,7 @@ def build_id_model(cfg, num_items: int) -> SequentialRecommender:
         raise ValueError(f"train_id.model must be one of {sorted(ID_MODELS)}, got {cfg.model!r}")
     if not cfg.tied_output and cfg.model != "sasrec":
         raise ValueError(f"train_id.tied_output=false (a separate output table) is SASRec only, not {cfg.model!r}")
+    if cfg.history_bias and (cfg.model != "sasrec" or cfg.loss != "full"):
+        raise ValueError(f"train_id.history_bias=true needs model sasrec and loss full, got model={cfg.model!r} "
+                         f"loss={cfg.loss!r}")
     return ID_MODELS[cfg.model].from_config(cfg, num_items)

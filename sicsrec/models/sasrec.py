@@ -13,7 +13,10 @@ Attention uses plain `nn.Linear` layers named q_proj/k_proj/v_proj/out_proj and 
 SICSRec step 2 can wrap them with peft LoRA.
 
 Scores are h . e_item with the input item embedding (tied; `tied_output=False` scores against a
-separate output table `out_emb`); the padding column is -inf.
+separate output table `out_emb`); the padding column is -inf. `history_bias=True` adds a learned
+offset b to the score of every item already in the history (in training: up to each position),
+so the model can learn from the data how often users repeat an item instead of ranking the
+last item first (h . e_last dominates with tied tables).
 `use_sparse_item_grad` (`train_id.sparse_item_grad`) gives that table row-sparse gradients.
 """
 from __future__ import annotations
@@ -23,8 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
-# parameter-name prefixes of a SASRec's item tables (input, untied output): E_id in SICSRec step 2
-ITEM_TABLE_PREFIXES = ("item_emb.", "out_emb.")
+# parameter-name prefixes of what scores items in a SASRec besides its encoder (input table,
+# untied output table, history bias): E_id in SICSRec step 2
+ITEM_TABLE_PREFIXES = ("item_emb.", "out_emb.", "history_logit")
+# the history bias is HISTORY_BIAS_SCALE * history_logit: Adam moves a parameter ~lr per step, and
+# the bias's useful range is several logits (lr 1e-3 alone would need hundreds of epochs)
+HISTORY_BIAS_SCALE = 10.0
 
 
 def item_positions(items: torch.Tensor) -> torch.Tensor:
@@ -50,6 +57,29 @@ def masked_mean(seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     sicsrec.encoders.mean_pool, sicsrec.models.tssr.mean_pool and sicsrec.losses.masked_mean."""
     weights = mask.unsqueeze(-1).to(seq.dtype)
     return (seq * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def history_columns(items: torch.Tensor, columns: int, per_position: bool = True) -> torch.Tensor:
+    """[B, L] left-padded item ids -> bool [B, L, columns]: item j is in the history up to and
+    including position t (per_position), or [B, columns] for the whole row. Padding (0) is never set."""
+    batch, length = items.shape
+    if per_position:
+        index = items[:, None, :].expand(batch, length, length).tril()  # row t: items at positions <= t
+        seen = torch.zeros(batch, length, columns, dtype=torch.bool, device=items.device)
+        seen.scatter_(2, index, True)
+    else:
+        seen = torch.zeros(batch, columns, dtype=torch.bool, device=items.device).scatter_(1, items, True)
+    seen[..., 0] = False
+    return seen
+
+
+def history_offsets(bias: torch.Tensor | None, items: torch.Tensor, columns: int,
+                    per_position: bool = True) -> torch.Tensor | None:
+    """bias x history_columns(items): what a history bias adds to the scores ([B, L, columns], or
+    [B, columns] for the whole row), or None without one."""
+    if bias is None:
+        return None
+    return bias * history_columns(items, columns, per_position)
 
 
 def tied_logits(hidden: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -155,9 +185,17 @@ class SequentialRecommender(nn.Module):
         """[..., d] -> [..., N+1] fp32 scores h . e_item; padding item 0 is never a candidate (-inf)."""
         return tied_logits(hidden, self.item_table())
 
+    def history_bias(self) -> torch.Tensor | None:
+        """The learned offset added to the score of every item in the user's history
+        (`train_id.history_bias`, SASRec), or None: most models have none."""
+        logit = getattr(self, "history_logit", None)
+        return None if logit is None else HISTORY_BIAS_SCALE * logit
+
     def score_all(self, items: torch.Tensor) -> torch.Tensor:
         """[B, L] histories -> [B, N+1] scores over all items (the evaluation `score_fn`)."""
-        return self.logits(self.sequence_repr(items))
+        scores = self.logits(self.sequence_repr(items))
+        offsets = history_offsets(self.history_bias(), items, scores.shape[-1], per_position=False)
+        return scores if offsets is None else scores + offsets
 
 
 class PositionalTransformer(SequentialRecommender):
@@ -189,20 +227,23 @@ class PositionalTransformer(SequentialRecommender):
 
 class SASRec(PositionalTransformer):
     def __init__(self, num_items: int, hidden: int = 64, layers: int = 2, heads: int = 2, dropout: float = 0.5,
-                 max_len: int = 50, ffn_dim: int = 0, activation: str = "relu", tied_output: bool = True):
+                 max_len: int = 50, ffn_dim: int = 0, activation: str = "relu", tied_output: bool = True,
+                 history_bias: bool = False):
         super().__init__()
         self.num_items = num_items
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)
         self.out_emb = None if tied_output else nn.Embedding(num_items + 1, hidden, padding_idx=0)
         self.build_encoder(hidden, layers, heads, dropout, max_len, ffn_dim, activation)
         self.apply(_init_weights)
+        # starts at 0: the plain SASRec function
+        self.history_logit = nn.Parameter(torch.zeros(())) if history_bias else None
 
     @classmethod
     def from_config(cls, cfg, num_items: int) -> "SASRec":
         """From the step-1 config (`train_id`: hidden, layers, heads, dropout, max_len, ffn_dim, activation,
-        tied_output)."""
+        tied_output, history_bias)."""
         return cls(num_items, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout, cfg.max_len, cfg.ffn_dim, cfg.activation,
-                   cfg.tied_output)
+                   cfg.tied_output, cfg.history_bias)
 
     def item_table(self) -> torch.Tensor:
         return self.item_emb.weight if self.out_emb is None else self.out_emb.weight

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sicsrec.models.sasrec import ITEM_TABLE_PREFIXES, SASRec, TransformerBlock, causal_padding_mask, item_positions
+from sicsrec.models.sasrec import (ITEM_TABLE_PREFIXES, SASRec, TransformerBlock, causal_padding_mask, history_offsets,
+                                   item_positions)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 ID_TABLE_NAMES = tuple("id_encoder." + prefix for prefix in ITEM_TABLE_PREFIXES)
@@ -239,8 +240,14 @@ class SICSRec(ContentTables):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.id_encoder.logits(hidden)
 
+    def history_bias(self) -> torch.Tensor | None:
+        """The ID encoder's learned history bias (`train_id.history_bias`), or None."""
+        return self.id_encoder.history_bias()
+
     def score_all(self, items: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.sequence_repr(items))
+        scores = self.logits(self.sequence_repr(items))
+        offsets = history_offsets(self.history_bias(), items, scores.shape[-1], per_position=False)
+        return scores if offsets is None else scores + offsets
 
 
 def freeze_with_lora(id_encoder: SASRec, rank: int = 4, alpha: int | None = None, dropout: float = 0.0,
