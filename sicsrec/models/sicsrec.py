@@ -149,7 +149,8 @@ class SICSRec(ContentTables):
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Every parameter, named, in the group the step-2 strategies (Table 9) freeze or train:
           id_emb       E_id, the ID encoder's item table (input embeddings and eq. 16 scores; with
-                       `train_id.tied_output=false` also its separate output table)
+                       `train_id.tied_output=false` also its separate output table, with
+                       `train_id.history_bias` its learned history offset)
           id_enc       the rest of the ID encoder: positions, norm, blocks (GRU4Rec: GRU, dense),
                        their LoRA excluded
           lora         the LoRA A/B matrices injected into the ID encoder's linears (eq. 20)
