@@ -46,9 +46,9 @@ def main(prepared: Path, out: Path, cfg: TrainConfig) -> None:
     loss_module, seen = engine.module, []
     criterion = loss_module.criterion
 
-    def recording(hidden, item_table, targets):  # the table as the loss sees it, inside the forward
+    def recording(hidden, item_table, targets, offsets=None):  # the table as the loss sees it, inside the forward
         seen.append(list(item_table.shape))
-        return criterion(hidden, item_table, targets)
+        return criterion(hidden, item_table, targets, offsets)
 
     loss_module.criterion = recording
     train = trainer.train_epoch(0, None)
