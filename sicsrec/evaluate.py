@@ -347,7 +347,8 @@ def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: i
         most = math.ceil(math.ceil(len(all_users) / world_size) / batch_size)
         batches += [[] for _ in range(most - len(batches))]
 
-    def rank_batch(out: torch.Tensor, targets: torch.Tensor, histories: list[list[int]]) -> RankCounter:
+    def rank_batch(out: torch.Tensor, targets: torch.Tensor, histories: list[list[int]] | None,
+                   offset: float) -> RankCounter:
         """The batch's targets counted over this rank's items [start, end), block by block. `out`
         is score_fn's output. (A function: its blocks are freed before the next forward.)"""
         if items is None:
@@ -366,9 +367,7 @@ def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: i
             if shared:
                 target_scores = _all_reduce(target_scores, device)  # each target's score from its owner
             block = lambda s, e: score_block(out, items.chunk(s, e))  # noqa: E731
-        offset = float("-inf") if mask_history else history_bias
-        counter = RankCounter(target_scores, targets, None if offset is None else histories, ties, top_k, diagnostics,
-                              history_offset=float("-inf") if offset is None else offset)
+        counter = RankCounter(target_scores, targets, histories, ties, top_k, diagnostics, history_offset=offset)
         for s, e in item_chunks(start, end, item_chunk):
             counter.add(s, block(s, e))
         return counter
@@ -388,9 +387,13 @@ def evaluate(score_fn: ScoreFn, dataset: PreparedDataset, split: str, max_len: i
             continue
         histories = [u.history(split) for u in batch]
         targets = torch.tensor([u.target(split) for u in batch], device=device)
-        # a history bias is part of the model: it sees the items the model sees (the last max_len)
-        biased = histories if history_bias is None or mask_history else [h[-max_len:] for h in histories]
-        counter = rank_batch(score_fn(padded(histories)), targets, biased)
+        if mask_history:  # the whole history is no candidate
+            marked, offset = histories, float("-inf")
+        elif history_bias is not None:  # part of the model: on the items its input holds (the last max_len)
+            marked, offset = [h[-max_len:] for h in histories], history_bias
+        else:
+            marked, offset = None, float("-inf")
+        counter = rank_batch(score_fn(padded(histories)), targets, marked, offset)
         ranks = counter.counts
         if shared:
             ranks = _all_reduce(ranks, device)  # the per-user counts over all item slices

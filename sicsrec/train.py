@@ -61,9 +61,7 @@ class NextItemLoss(nn.Module):
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
         model = self.recommender
         hidden = model.hidden_states(inputs)
-        table = model.item_table()
-        offsets = history_offsets(model.history_bias(), inputs, table.shape[0])
-        ce_sum, count, _ = self.criterion(hidden, table, targets, offsets)
+        ce_sum, count, _ = self.criterion(hidden, model.item_table(), targets, history_offsets(model, inputs))
         return ce_sum, count
 
 

@@ -81,7 +81,7 @@ class SICSRecLoss(nn.Module):
         """Theta of eq. 19, its trainable members: E_id (with reg_id_emb), the content adapters and
         the content tables when they train."""
         model = self.recommender
-        theta = [p for _, p in model.parameter_groups()["id_emb"]] if self.reg_id_emb else []  # + untied output
+        theta = [p for _, p in model.parameter_groups()["id_emb"]] if self.reg_id_emb else []  # E_id: its tables (+ history bias)
         theta += [p for a in (model.text_adapter, model.image_adapter) if a is not None for p in a.parameters()]
         theta += [t for t in (model.text_table, model.image_table) if isinstance(t, nn.Parameter)]
         return [p for p in theta if p.requires_grad]
@@ -94,9 +94,7 @@ class SICSRecLoss(nn.Module):
         model = self.recommender
         hidden = model.hidden_states(inputs)
         # `criterion` (set by the Trainer from sicsrec.train.loss): full | chunked | sampled
-        table = model.item_table()
-        offsets = history_offsets(model.history_bias(), inputs, table.shape[0])
-        ce_sum, count, _ = criterion_of(self)(hidden, table, targets, offsets)
+        ce_sum, count, _ = criterion_of(self)(hidden, model.item_table(), targets, history_offsets(model, inputs))
         extra = hidden.new_zeros(())
         if self.alpha > 0:
             last = targets[:, -1]  # windows end at their last item: the last target is always real

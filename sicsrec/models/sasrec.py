@@ -73,13 +73,14 @@ def history_columns(items: torch.Tensor, columns: int, per_position: bool = True
     return seen
 
 
-def history_offsets(bias: torch.Tensor | None, items: torch.Tensor, columns: int,
-                    per_position: bool = True) -> torch.Tensor | None:
-    """bias x history_columns(items): what a history bias adds to the scores ([B, L, columns], or
-    [B, columns] for the whole row), or None without one."""
+def history_offsets(model, items: torch.Tensor, per_position: bool = True) -> torch.Tensor | None:
+    """What `model`'s history bias adds to its scores: bias x history_columns(items) over its item
+    table's columns ([B, L, N+1], or [B, N+1] for the whole row), or None without one. The one
+    place the training losses and `score_all` take it from."""
+    bias = model.history_bias()
     if bias is None:
         return None
-    return bias * history_columns(items, columns, per_position)
+    return bias * history_columns(items, model.item_table().shape[0], per_position)
 
 
 def tied_logits(hidden: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -194,7 +195,7 @@ class SequentialRecommender(nn.Module):
     def score_all(self, items: torch.Tensor) -> torch.Tensor:
         """[B, L] histories -> [B, N+1] scores over all items (the evaluation `score_fn`)."""
         scores = self.logits(self.sequence_repr(items))
-        offsets = history_offsets(self.history_bias(), items, scores.shape[-1], per_position=False)
+        offsets = history_offsets(self, items, per_position=False)
         return scores if offsets is None else scores + offsets
 
 

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sicsrec.models.sasrec import (ITEM_TABLE_PREFIXES, SASRec, TransformerBlock, causal_padding_mask, history_offsets,
-                                   item_positions)
+from sicsrec.models.sasrec import (ITEM_TABLE_PREFIXES, SASRec, SequentialRecommender, TransformerBlock,
+                                   causal_padding_mask, item_positions)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 ID_TABLE_NAMES = tuple("id_encoder." + prefix for prefix in ITEM_TABLE_PREFIXES)
@@ -245,10 +245,7 @@ class SICSRec(ContentTables):
         """The ID encoder's learned history bias (`train_id.history_bias`), or None."""
         return self.id_encoder.history_bias()
 
-    def score_all(self, items: torch.Tensor) -> torch.Tensor:
-        scores = self.logits(self.sequence_repr(items))
-        offsets = history_offsets(self.history_bias(), items, scores.shape[-1], per_position=False)
-        return scores if offsets is None else scores + offsets
+    score_all = SequentialRecommender.score_all  # logits of the last position + the history bias
 
 
 def freeze_with_lora(id_encoder: SASRec, rank: int = 4, alpha: int | None = None, dropout: float = 0.0,
@@ -256,8 +253,8 @@ def freeze_with_lora(id_encoder: SASRec, rank: int = 4, alpha: int | None = None
     """Freeze the weights of the step-1 encoder and (optionally) inject peft LoRA into its
     attention and FFN linears: W0 + B A with A ~ normal, B = 0 (eq. 20), so the step-2 model
     starts exactly at the step-1 function. Trainable afterwards: the `lora_` parameters, and the
-    item table E_id (`item_emb`, and `out_emb` where the output is untied) with `train_embedding` (Table 9 "Fixed IDEnc"); everything else
-    is frozen ("Fixed IDEmb&Enc" without `train_embedding`)."""
+    item table E_id (`item_emb`; `out_emb` where the output is untied, `history_logit` with a history
+    bias) with `train_embedding` (Table 9 "Fixed IDEnc"); everything else is frozen ("Fixed IDEmb&Enc" without `train_embedding`)."""
     for p in id_encoder.parameters():
         p.requires_grad_(False)
     model = id_encoder
