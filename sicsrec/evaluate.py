@@ -123,6 +123,7 @@ class RankCounter:
         self.masked_cols = torch.tensor(cols, dtype=torch.long, device=device)
         # a finite offset moves a repeated target's score as well (masking leaves it a candidate)
         self.repeat_rows = torch.tensor(repeats if math.isfinite(self.offset) else [], dtype=torch.long, device=device)
+        self.repeat_targets = self.targets[self.repeat_rows]
         target_scores = target_scores.float().clone()
         target_scores[self.repeat_rows] += self.offset
         self.target_scores = target_scores[:, None]
@@ -149,11 +150,11 @@ class RankCounter:
         rival = self._beats(shifted, self.target_scores[rows, 0])
         self.counts.index_add_(0, rows, rival.long() - beats[rows, cols].long())
         if self.top_k or self.top1:
-            repeats = self.repeat_rows[(self.targets[self.repeat_rows] >= start) & (self.targets[self.repeat_rows] < end)]
+            in_block = (self.repeat_targets >= start) & (self.repeat_targets < end)
+            repeats, repeat_cols = self.repeat_rows[in_block], self.repeat_targets[in_block] - start
             if len(rows) or len(repeats):
                 block = block.float().index_put((rows, cols), shifted)
-                block = block.index_put((repeats, self.targets[repeats] - start),
-                                        block[repeats, self.targets[repeats] - start] + self.offset)
+                block = block.index_put((repeats, repeat_cols), block[repeats, repeat_cols] + self.offset)
             if self.top_k:
                 scores, items = block.float().topk(min(self.top_k, block.shape[1]), dim=1)
                 self.merge_top_k(scores, items + start)
