@@ -30,7 +30,9 @@ validate every epoch and stop after --patience epochs without a better valid NDC
 
 Rows: RecBole, then ours with `windows: all` (windows of up to max_len + 1 items, a target at
 every position: every train item is a target once per epoch, in far fewer rows and optimizer
-steps than RecBole) and with `windows: prefix` (RecBole's rows: one per train target, up to
+steps than RecBole), `all:S` (the same with window_stride S: windows S items apart, the loss on
+each one's last S targets, so every target sees at least max_len + 1 - S items of context) and
+with `windows: prefix` (RecBole's rows: one per train target, up to
 max_len items of context, the loss on that target only). All rows of a dataset run one after the
 other in this process, under the same load and --threads.
 
@@ -236,11 +238,20 @@ def row_summary(points: list[dict], best_epoch: int, test: dict, train_times: li
             "test": {k: float(v) for k, v in test.items()}, **extra, "curve": points}
 
 
+def parse_windows(spec: str) -> tuple[str, int]:
+    """A --windows entry: `all`, `prefix` or `all:S` (windows=all, window_stride=S) -> (windows, stride)."""
+    windows, sep, stride = spec.partition(":")
+    if windows not in OUR_WINDOWS or (sep and (windows != "all" or not stride.isdigit() or int(stride) < 1)):
+        raise ValueError(f"--windows entry {spec!r}: expected one of {', '.join(OUR_WINDOWS)} or all:S (S >= 1)")
+    return windows, int(stride or 0)
+
+
 def run_ours(prepared: Path, out: Path, hparams: dict, windows: str, max_epochs: int, patience: int,
              seed: int) -> dict:
     # trim_padding: our batches cost their longest history, not max_len (the same model function)
-    cfg = TrainConfig(**hparams, windows=windows, epochs=max_epochs, patience=patience, engine="single",
-                      precision="fp32", trim_padding=True)
+    windows, stride = parse_windows(windows)
+    cfg = TrainConfig(**hparams, windows=windows, window_stride=stride, epochs=max_epochs, patience=patience,
+                      engine="single", precision="fp32", trim_padding=True)
     start = time.time()
     train_id(cfg, prepared, out, seed=seed, force=True)
     run_s = time.time() - start
@@ -350,7 +361,7 @@ def run_dataset(dataset: str, args) -> dict:
         for windows in args.windows.split(","):
             name = f"ours SASRec (windows={windows})"
             entry["loadavg_at_start"][name] = os.getloadavg()
-            rows[name] = run_ours(prepared, work / f"ours_{windows}", hparams, windows, args.max_epochs,
+            rows[name] = run_ours(prepared, work / f"ours_{windows.replace(':', '_')}", hparams, windows, args.max_epochs,
                                   args.patience, args.seed)
     entry["rows"] = rows
     entry["time_to_quality"] = time_to_quality(rows)
@@ -382,7 +393,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"train batch for both (default {HPARAMS['batch_size']})")
     parser.add_argument("--windows", default=",".join(OUR_WINDOWS),
-                        help=f"our rows: comma-separated train_id.windows of {OUR_WINDOWS}")
+                        help=f"our rows: comma-separated train_id.windows of {OUR_WINDOWS}, or all:S for "
+                             "windows=all with window_stride=S (overlapping windows, the loss on each one's last "
+                             "S targets)")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "recbole_compare.json"))
     args = parser.parse_args()
@@ -390,8 +403,10 @@ def main() -> None:
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:
         parser.error(f"unknown --dataset {', '.join(unknown)}; expected {', '.join(DATASETS)}")
-    if not set(args.windows.split(",")) <= set(OUR_WINDOWS):
-        parser.error(f"--windows: expected a comma list of {OUR_WINDOWS}")
+    try:
+        [parse_windows(spec) for spec in args.windows.split(",")]
+    except ValueError as e:
+        parser.error(str(e))
     if args.patience < 1:
         parser.error("--patience must be >= 1")
     logging.basicConfig(level=logging.WARNING)

@@ -166,7 +166,7 @@ RANGES = {
     "content_layers": AT_LEAST_1, "decoder_layers": AT_LEAST_1, "uni_layers": AT_LEAST_1, "multi_layers": AT_LEAST_1,
     "lora_rank": AT_LEAST_1, "tiny_hidden": AT_LEAST_1, "tiny_layers": AT_LEAST_1, "tiny_heads": AT_LEAST_1,
     "tiny_vocab_size": AT_LEAST_1, "text_max_len": AT_LEAST_1, "image_size": AT_LEAST_0,
-    "dropout": FRACTION, "max_len": AT_LEAST_1,
+    "dropout": FRACTION, "max_len": AT_LEAST_1, "window_stride": AT_LEAST_0,
     "lr": POSITIVE, "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0,
     "batch_size": AT_LEAST_1, "eval_batch_size": AT_LEAST_1,
     "encode_batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "epochs": AT_LEAST_1, "patience": AT_LEAST_1,
@@ -217,6 +217,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if section < world_size:
             raise ConfigError(f"{path}={section} is smaller than the world size {world_size}: every rank needs "
                               f"at least one example per step")
+    for path, train in (("train_id", cfg.train_id), ("sicsrec.train", cfg.sicsrec.train), ("tssr.train", cfg.tssr.train)):
+        if train.window_stride and (train.windows != "all" or train.window_stride > train.max_len):
+            raise ConfigError(f"{path}.window_stride={train.window_stride} needs {path}.windows=all and at most "
+                              f"{path}.max_len={train.max_len} (0 = max_len)")
     if cfg.data.synth.max_seq_len < cfg.data.synth.min_seq_len:
         raise ConfigError(f"data.synth.max_seq_len={cfg.data.synth.max_seq_len} is below "
                           f"data.synth.min_seq_len={cfg.data.synth.min_seq_len}")

@@ -5,7 +5,11 @@ Training samples (SASRec / RecBole-CE style): for each user the train sequence g
 items[:-1] and targets items[1:]. With `windows="last"` (Kang & McAuley's choice) only the last
 max_len+1 items are used, next item at every position; `windows="all"` cuts the whole train
 sequence into windows of max_len+1 items overlapping by one item, so every train item is a
-target once (next item at every position); `windows="prefix"` (RecBole's training rows) gives one
+target once (next item at every position). With a `stride` S < max_len, "all" windows end S items
+apart (n, n-S, ...; overlapping by max_len+1-S items) and each keeps the loss on its last S
+targets only (the first window, which starts at the user's first item, on all of them): every
+train item is still a target once, and each with at least max_len+1-S items of context, where
+stride max_len gives the later targets of a window 1, 2, ... items; `windows="prefix"` (RecBole's training rows) gives one
 row per train target (every train item from the 2nd on), the up to max_len items before it as
 input and the loss on that target only (collate zeroes the row's other targets). Validation and
 test items never appear in training samples.
@@ -49,8 +53,19 @@ def trim_left_padding(inputs: torch.Tensor, *aligned: torch.Tensor) -> tuple[tor
     return (inputs[:, start:], *(t[:, start:] for t in aligned))
 
 
-class PrefixRow(list):
+class TargetRow(list):
+    """A window of which only the last `keep` targets count (the others are 0 after collate)."""
+
+    def __init__(self, items, keep: int):
+        super().__init__(items)
+        self.keep = keep
+
+
+class PrefixRow(TargetRow):
     """A `windows="prefix"` row: its items, of which only the last is a training target."""
+
+    def __init__(self, items):
+        super().__init__(items, 1)
 
 
 class TrainWindows:
@@ -63,19 +78,25 @@ class TrainWindows:
     dir) and one int64 per user, the cumulative number of rows up to it. Row i's user is found by
     binary search; its (start, end) in the flat items follow from the mode: a user u with n train
     items at `first` has rows k = 0.. with end = n - k*max_len ("all", from the end backwards),
-    k + 2 ("prefix"), n ("last"), and start = max(0, end - max_len - 1)."""
+    k + 2 ("prefix"), n ("last"), and start = max(0, end - max_len - 1). "all" with stride S: end =
+    n - k*S down to the first end <= max_len + 1 (start 0); rows other than that last one are
+    TargetRows keeping S targets (with S = max_len they keep all: plain lists)."""
 
-    def __init__(self, items: np.ndarray, offsets: np.ndarray, max_len: int, mode: str):
+    def __init__(self, items: np.ndarray, offsets: np.ndarray, max_len: int, mode: str, stride: int = 0):
         if mode not in WINDOWS:
             raise ValueError(f"windows must be one of {', '.join(WINDOWS)}, got {mode!r}")
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
+        if not 0 <= stride <= max_len or (stride and mode != "all"):
+            raise ValueError(f"window stride must be 0 (= max_len) or 1..max_len ({max_len}) and only "
+                             f"with windows 'all', got {stride} with {mode!r}")
         self.items, self.offsets, self.max_len, self.mode = items, offsets, max_len, mode
+        self.stride = stride or max_len
         n = np.diff(offsets)
         if mode == "last":
             counts = (n >= 2).astype(np.int64)
-        elif mode == "all":  # ends n, n - L, ... > 1: ceil((n - 1) / L) windows
-            counts = np.where(n >= 2, (n - 2) // max_len + 1, 0)
+        elif mode == "all":  # ends n, n - S, ... down to the first <= L + 1: 1 + ceil((n - L - 1) / S)
+            counts = np.where(n >= 2, 1 + np.maximum(0, -(-(n - max_len - 1) // self.stride)), 0)
         else:
             counts = np.maximum(n - 1, 0)
         self.row_ends = np.cumsum(counts)  # [U] rows of users 0..u together
@@ -86,15 +107,15 @@ class TrainWindows:
                                                       for a in (items, offsets, self.row_ends))
 
     @classmethod
-    def of(cls, dataset: PreparedDataset, max_len: int, mode: str) -> "TrainWindows":
+    def of(cls, dataset: PreparedDataset, max_len: int, mode: str, stride: int = 0) -> "TrainWindows":
         store = dataset.sequence_store()
-        return cls(store.items, store.offsets, max_len, mode)
+        return cls(store.items, store.offsets, max_len, mode, stride)
 
     def __len__(self) -> int:
         return self.size
 
     def __reduce__(self):  # the memoryviews do not pickle
-        return TrainWindows, (self.items, self.offsets, self.max_len, self.mode)
+        return TrainWindows, (self.items, self.offsets, self.max_len, self.mode, self.stride % self.max_len)
 
     def bounds(self, rows) -> tuple[np.ndarray, np.ndarray]:
         """(start, end) of rows (an int array) in the flat items, each row items[start:end]."""
@@ -107,7 +128,7 @@ class TrainWindows:
         k = rows - np.where(user > 0, self.row_ends[user - 1], 0)
         first = np.asarray(self.offsets[user], dtype=np.int64)
         n = np.asarray(self.offsets[user + 1], dtype=np.int64) - first
-        end = n if self.mode == "last" else n - k * self.max_len if self.mode == "all" else k + 2
+        end = n if self.mode == "last" else n - k * self.stride if self.mode == "all" else k + 2
         return first + np.maximum(0, end - self.max_len - 1), first + end
 
     def __getitem__(self, i) -> list[int]:
@@ -120,18 +141,29 @@ class TrainWindows:
         k = i - (self._row_ends[user - 1] if user else 0)
         first = self._offsets[user]
         n = self._offsets[user + 1] - first
-        end = n if self.mode == "last" else n - k * self.max_len if self.mode == "all" else k + 2
-        row = self._items[first + max(0, end - self.max_len - 1):first + end].tolist()
-        return PrefixRow(row) if self.mode == "prefix" else row
+        end = n if self.mode == "last" else n - k * self.stride if self.mode == "all" else k + 2
+        start = max(0, end - self.max_len - 1)
+        return self._row(self._items[first + start:first + end].tolist(), start)
+
+    def _row(self, items: list[int], start: int) -> list[int]:
+        """Row items as their mode hands them out; start: the row's first item in its user's train
+        sequence (a strided "all" row keeps `stride` targets unless it starts at the first)."""
+        if self.mode == "prefix":
+            return PrefixRow(items)
+        if self.stride < self.max_len and start > 0:
+            return TargetRow(items, self.stride)
+        return items
 
     def __iter__(self):
         step = 1 << 14
         for s in range(0, self.size, step):
-            starts, ends = self.bounds(np.arange(s, min(s + step, self.size)))
+            rows = np.arange(s, min(s + step, self.size))
+            starts, ends = self.bounds(rows)
+            user_first = self.offsets[np.searchsorted(self.row_ends, rows, side="right")]
             lo, hi = int(starts.min()), int(ends.max())
             flat = self.items[lo:hi].tolist()
-            for a, b in zip((starts - lo).tolist(), (ends - lo).tolist()):
-                yield PrefixRow(flat[a:b]) if self.mode == "prefix" else flat[a:b]
+            for a, b, f in zip((starts - lo).tolist(), (ends - lo).tolist(), (starts - user_first).tolist()):
+                yield self._row(flat[a:b], f)
 
     def __eq__(self, other) -> bool:
         if isinstance(other, (TrainWindows, list, tuple)):
@@ -141,19 +173,23 @@ class TrainWindows:
     __hash__ = None
 
     def __repr__(self) -> str:
-        return f"TrainWindows({self.size} rows, {self.mode}, max_len={self.max_len})"
+        stride = f", stride={self.stride}" if self.stride < self.max_len else ""
+        return f"TrainWindows({self.size} rows, {self.mode}, max_len={self.max_len}{stride})"
 
     def num_targets(self) -> int:
-        """Training targets over all rows (prefix: one a row; last, all: len - 1 a row)."""
+        """Training targets over all rows (prefix: one a row; last, all: len - 1 a row, strided
+        "all": every train item from each user's 2nd)."""
         if self.mode == "prefix":
             return self.size
+        if self.mode == "all":
+            return int(np.maximum(np.diff(self.offsets) - 1, 0).sum())
         starts, ends = self.bounds(np.arange(self.size))
         return int((ends - starts - 1).sum())
 
 
-def train_windows(dataset: PreparedDataset, max_len: int, windows: str = "last") -> TrainWindows:
+def train_windows(dataset: PreparedDataset, max_len: int, windows: str = "last", stride: int = 0) -> TrainWindows:
     """Item windows of up to max_len+1 items; users whose train sequence has one item give none."""
-    return TrainWindows.of(dataset, max_len, windows)
+    return TrainWindows.of(dataset, max_len, windows, stride)
 
 
 def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -170,11 +206,9 @@ def rank_slice(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 
 def collate(windows: list[list[int]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows -> (inputs, targets), both [B, max_len], left-padded; target 0 means no target.
-    A PrefixRow keeps only its last target (the others are 0)."""
+    A TargetRow keeps only its last `keep` targets (the others are 0; a PrefixRow its last)."""
     inputs, targets = pad_left([w[:-1] for w in windows], max_len), pad_left([w[1:] for w in windows], max_len)
-    prefix = torch.tensor([isinstance(w, PrefixRow) for w in windows], dtype=torch.bool)
-    if prefix.all():
-        targets[:, :-1] = 0
-    elif prefix.any():
-        targets[prefix, :-1] = 0
+    keep = torch.tensor([w.keep if isinstance(w, TargetRow) else max_len for w in windows], dtype=torch.long)
+    if (keep < max_len).any():
+        targets[torch.arange(max_len) < (max_len - keep)[:, None]] = 0
     return inputs, targets

@@ -49,6 +49,10 @@ class SequenceTrainConfig(OptimConfig, EngineConfig):
     patience: int = 10  # early stopping on validation NDCG@10
     max_len: int = 50
     windows: str = "last"  # training rows (shards.windows): last | all (every train item a target) | prefix (RecBole)
+    # windows=all only: windows end this many items apart, each with the loss on its last
+    # window_stride targets (every target once, each with >= max_len + 1 - stride items of
+    # context); 0 = max_len (windows overlap by one item)
+    window_stride: int = 0
     eval_batch_size: int = 512
     mask_history: bool = False  # mask the user's history items at evaluation (RecBole sequential: no)
     eval_item_chunk: int = 65536  # items scored per [users x items] block at evaluation; 0 = all in one
@@ -74,7 +78,7 @@ class SequenceTrainConfig(OptimConfig, EngineConfig):
     trim_padding: bool = False
     # fields added after run directories existed: left out of the stage fingerprint at these
     # defaults (sicsrec.runtime.rundir.fingerprinted), so those runs are not redone
-    ADDED_FIELDS: ClassVar[dict] = {"trim_padding": False, "grad_accum": 1}
+    ADDED_FIELDS: ClassVar[dict] = {"trim_padding": False, "grad_accum": 1, "window_stride": 0}
     # the step-1 model keys these sections carried (and ignored) before they were split off: back in
     # the fingerprint at their old defaults (earlier runs are not redone); setting one is a ConfigError
     REMOVED_FIELDS: ClassVar[dict] = {"model": "sasrec", "hidden": 64, "layers": 2, "heads": 2, "ffn_dim": 0,

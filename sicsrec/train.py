@@ -78,7 +78,7 @@ class Trainer(TrainLoop):
             raise ValueError(f"{where}.epochs and {where}.patience must be >= 1")
         self.cfg, self.dataset, self.out, self.seed, self.env, self.run_id = cfg, dataset, out_dir, seed, env, run_id
         self.content = content  # the embedding cache E_id starts from (train_id.item_init=pca)
-        self.windows = train_windows(dataset, cfg.max_len, cfg.windows)
+        self.windows = train_windows(dataset, cfg.max_len, cfg.windows, cfg.window_stride)
         if not self.windows:
             raise ValueError("no user has >= 2 training items: nothing to train on")
         torch.manual_seed(seed)  # the same initial weights on every rank

@@ -80,9 +80,9 @@ def check_config(cfg: TSSRConfig, encoders: EncoderConfig | None = None) -> None
         raise ValueError("tssr.lambda_u, lambda_i, lambda_ce must be >= 0 and not all 0")
     if min(cfg.temperature_u, cfg.temperature_i) <= 0:
         raise ValueError("tssr.temperature_u and tssr.temperature_i must be > 0")
-    if cfg.train.windows != "last" or cfg.train.trim_padding:
+    if cfg.train.windows != "last" or cfg.train.window_stride or cfg.train.trim_padding:
         raise ValueError("TSSR streams one window per user (the last max_len+1 train items), padded to max_len: "
-                         "tssr.train.windows must be 'last' and tssr.train.trim_padding false")
+                         "tssr.train.windows must be 'last', window_stride 0 and trim_padding false")
 
 
 # ---------------------------------------------------------------- item inputs

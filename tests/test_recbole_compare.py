@@ -61,3 +61,11 @@ def test_write_result_keeps_the_other_datasets(tmp_path):
     rc.write_result(out, {"ninerec_food": {"b": 2}})
     rc.write_result(out, {"ml100k": {"a": 3}})
     assert json.loads(out.read_text()) == {"datasets": {"ml100k": {"a": 3}, "ninerec_food": {"b": 2}}}
+
+
+def test_windows_entries_parse_and_bad_ones_are_refused():
+    assert rc.parse_windows("all") == ("all", 0) and rc.parse_windows("prefix") == ("prefix", 0)
+    assert rc.parse_windows("all:10") == ("all", 10)
+    for bad in ("every", "prefix:3", "all:0", "all:x", "all:"):
+        with pytest.raises(ValueError, match="all:S"):
+            rc.parse_windows(bad)

@@ -189,6 +189,7 @@ def test_deepspeed_checkpoint_keeps_the_previous_tag(tmp_path, monkeypatch):
     ("tssr.dropout", 1.0, r"tssr.dropout=1.0 is out of range: must be in \[0, 1\)"),
     ("sft.temperature", 0, "sft.temperature=0.0 is out of range: must be > 0"),
     ("data.kcore", 0, "data.kcore=0 is out of range"),
+    ("train_id.window_stride", -1, "train_id.window_stride=-1 is out of range: must be >= 0"),
 ])
 def test_out_of_range_config_values_name_the_key(key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -202,6 +203,14 @@ def test_config_ranges_accept_the_defaults_and_the_shipped_configs(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ConfigError, match="train_id.batch_size=2 is smaller than the world size 4"):
         load_config(None, ["train_id.batch_size=2"])
+
+
+def test_window_stride_needs_all_windows_and_at_most_max_len():
+    load_config(None, ["train_id.windows=all", "train_id.window_stride=10", "train_id.max_len=50"])
+    with pytest.raises(ConfigError, match="train_id.window_stride=10 needs train_id.windows=all"):
+        load_config(None, ["train_id.windows=last", "train_id.window_stride=10"])
+    with pytest.raises(ConfigError, match=r"sicsrec.train.window_stride=9 .* at most sicsrec.train.max_len=8"):
+        load_config(None, ["sicsrec.train.windows=all", "sicsrec.train.window_stride=9", "sicsrec.train.max_len=8"])
 
 
 def test_bad_config_value_is_one_line_on_the_cli(tmp_path):

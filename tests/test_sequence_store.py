@@ -12,7 +12,7 @@ import torch
 from shards.prepare import sequence_records
 from shards.prepared import (STORE_FILES, Item, PreparedDataset, SequenceStore, StoreWriter, UserSequence,
                              UserSequences, read_jsonl)
-from shards.windows import PrefixRow, TrainWindows, collate, epoch_batches, pad_left, rank_slice, train_windows
+from shards.windows import PrefixRow, TargetRow, TrainWindows, collate, epoch_batches, pad_left, rank_slice, train_windows
 from sicsrec.evaluate import evaluate
 
 
@@ -189,6 +189,52 @@ def test_prefix_rows_one_per_target(tmp_path):
     # mixed with plain windows, only the prefix rows lose their other targets
     inputs, target = collate([[1, 2, 3], PrefixRow([4, 5, 6])], 4)
     assert target.tolist() == [[0, 0, 2, 3], [0, 0, 0, 6]] and inputs.tolist() == [[0, 0, 1, 2], [0, 0, 4, 5]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_strided_windows_give_every_target_once_with_context(tmp_path, seed):
+    ds = random_dataset(seed, num_users=120)
+    ds.save(tmp_path)
+    loaded = PreparedDataset.load(tmp_path)
+    for max_len, stride in ((1, 1), (3, 1), (5, 2), (8, 3), (8, 8), (50, 10)):
+        for dataset in (ds, loaded):
+            rows = train_windows(dataset, max_len, "all", stride)
+            assert len(rows) == sum(1 for _ in rows)
+            inputs, targets = collate(list(rows), max_len)
+            assert [rows[i] for i in range(len(rows))] == list(rows)
+            assert [getattr(rows[i], "keep", None) for i in range(len(rows))] == [getattr(r, "keep", None) for r in rows]
+            # (context, target) pairs the loss sees, read off the collated batch
+            seen = sorted((tuple(x for x in inp[:j + 1] if x), int(t))
+                          for inp, tgt in zip(inputs.tolist(), targets) for j, t in enumerate(tgt.tolist()) if t)
+            # every train item from each user's 2nd is a target once, with all of its history up
+            # to max_len + 1 - stride items (and at most max_len)
+            want, need = [], []
+            for u in ds.users:
+                for j in range(1, len(u.train)):
+                    want.append(u.train[j])
+                    need.append((u.train[max(0, j - max_len):j], u.train[j], min(j, max_len + 1 - stride)))
+            assert sorted(t for _, t in seen) == sorted(want) and rows.num_targets() == len(want)
+            for context, target, minimum in need:
+                assert any(c == tuple(context[len(context) - len(c):]) and len(c) >= minimum and t == target
+                           for c, t in seen)
+        if stride == max_len:  # the plain "all" windows
+            assert rows == reference_windows(ds.users, max_len, "all")
+            assert not any(isinstance(r, TargetRow) for r in rows)
+    for bad in (-1, 9):
+        with pytest.raises(ValueError, match="stride"):
+            train_windows(ds, 8, "all", bad)
+    with pytest.raises(ValueError, match="stride"):
+        train_windows(ds, 8, "prefix", 2)
+
+
+def test_strided_window_rows_by_hand():
+    items = np.arange(1, 13, dtype=np.int32)  # one user, train items 1..12
+    rows = TrainWindows(items, np.array([0, 12]), 4, "all", 2)  # ends at items 12, 10, 8, 6, 4
+    assert list(rows) == [[8, 9, 10, 11, 12], [6, 7, 8, 9, 10], [4, 5, 6, 7, 8], [2, 3, 4, 5, 6], [1, 2, 3, 4]]
+    assert [getattr(r, "keep", None) for r in rows] == [2, 2, 2, 2, None]
+    _, targets = collate(list(rows), 4)
+    assert targets.tolist() == [[0, 0, 11, 12], [0, 0, 9, 10], [0, 0, 7, 8], [0, 0, 5, 6], [0, 2, 3, 4]]
+    assert repr(rows) == "TrainWindows(5 rows, all, max_len=4, stride=2)"
 
 
 def test_pad_left_equals_the_row_by_row_version():

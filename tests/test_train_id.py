@@ -49,6 +49,21 @@ def test_windows_and_batches():
     assert torch.equal(torch.cat(parts), batches[2]) and [len(p) for p in parts] == [2, 1]
 
 
+def test_strided_windows_train_on_every_target_once(tmp_path):
+    prepared = make_dataset(tmp_path / "prepare")
+    users = PreparedDataset.load(prepared).users
+    targets = sum(max(len(u.train) - 1, 0) for u in users)
+    cfg = TrainConfig(**TINY, dropout=0.0, epochs=1, patience=1, windows="all", window_stride=3)
+    train_id(cfg, prepared, tmp_path / "out", seed=0)
+    history = json.loads((tmp_path / "out" / "metrics.json").read_text())["history"]
+    epoch = [h for h in history if not h.get("start")][0]
+    assert epoch["targets"] == targets  # each train target once per epoch, in more windows than stride 0
+    assert epoch["sequences"] == len(train_windows(PreparedDataset.load(prepared), 8, "all", 3))
+    assert epoch["sequences"] > len(train_windows(PreparedDataset.load(prepared), 8, "all"))
+    with pytest.raises(ValueError, match="stride"):
+        train_id(dataclasses.replace(cfg, windows="last"), prepared, tmp_path / "bad", seed=0)
+
+
 def test_early_stopping_and_skip(tmp_path):
     prepared = make_dataset(tmp_path / "prepare")
     cfg = TrainConfig(**dict(TINY, lr=0.0), dropout=0.0, epochs=10, patience=2)
