@@ -335,9 +335,37 @@ def hyper_parameters(args) -> dict:
     return hparams
 
 
+def stored_entry(out: Path, dataset: str, hparams: dict) -> dict:
+    """This dataset's entry in an earlier results file, for --ours-only: it must hold a RecBole row
+    run with the same hyper-parameters."""
+    entry = json.loads(out.read_text()).get("datasets", {}).get(dataset) if out.exists() else None
+    if not entry or "curve" not in entry.get("rows", {}).get(RECBOLE, {}):
+        raise SystemExit(f"--ours-only: {out} has no finished RecBole row for {dataset}; run without it first")
+    if entry["hyper_parameters"] != hparams:
+        raise SystemExit(f"--ours-only: the stored {dataset} RecBole row used {entry['hyper_parameters']}, "
+                         f"this run {hparams}")
+    return entry
+
+
+def run_recbole_in(work: Path, dataset: str, hparams: dict, args, prepared: Path, entry: dict) -> dict:
+    """RecBole's row, run in work/ (it writes log/ and log_tensorboard/ into the working directory);
+    an exception is recorded as the row's error."""
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        entry["loadavg_at_start"][RECBOLE] = os.getloadavg()
+        return run_recbole(dataset, hparams, args.max_epochs, args.patience, args.seed, work, prepared)
+    except Exception as e:  # report exactly why RecBole could not run
+        return {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+    finally:
+        os.chdir(cwd)
+
+
 def run_dataset(dataset: str, args) -> dict:
-    """RecBole's row and our rows on one dataset, one after the other in this process."""
+    """RecBole's row and our rows on one dataset, one after the other in this process (with
+    --ours-only, our rows next to the RecBole row of an earlier run, kept with the entry's other rows)."""
     hparams = hyper_parameters(args)
+    stored = stored_entry(Path(args.out), dataset, hparams) if args.ours_only else None
     entry = {"hyper_parameters": hparams, "max_epochs": args.max_epochs, "patience": args.patience,
              "seed": args.seed, "threads": torch.get_num_threads(), "argv": sys.argv[1:],
              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}}
@@ -349,20 +377,18 @@ def run_dataset(dataset: str, args) -> dict:
         entry["ours_prepare_s"] = time.time() - start
         entry["dataset"] = PreparedDataset.load(prepared).stats
         entry["loadavg_at_start"] = {}
-        cwd = os.getcwd()
-        os.chdir(work)  # RecBole writes log/ and log_tensorboard/ into the working directory
-        try:
-            entry["loadavg_at_start"][RECBOLE] = os.getloadavg()
-            rows[RECBOLE] = run_recbole(dataset, hparams, args.max_epochs, args.patience, args.seed, work, prepared)
-        except Exception as e:  # report exactly why RecBole could not run
-            rows[RECBOLE] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
-        finally:
-            os.chdir(cwd)
+        if not stored:
+            rows[RECBOLE] = run_recbole_in(work, dataset, hparams, args, prepared, entry)
         for windows in args.windows.split(","):
             name = f"ours SASRec (windows={windows})"
             entry["loadavg_at_start"][name] = os.getloadavg()
             rows[name] = run_ours(prepared, work / f"ours_{windows.replace(':', '_')}", hparams, windows, args.max_epochs,
                                   args.patience, args.seed)
+            rows[name].update(argv=sys.argv[1:], threads=torch.get_num_threads())
+    if stored:  # the stored rows first (RecBole's among them), this run's rows replace their namesakes
+        entry["loadavg_at_start"] = stored.get("loadavg_at_start", {}) | entry["loadavg_at_start"]
+        rows = stored["rows"] | rows
+        entry["recbole_row_from"] = {"argv": stored["argv"], "threads": stored["threads"]}
     entry["rows"] = rows
     entry["time_to_quality"] = time_to_quality(rows)
     return entry
@@ -396,6 +422,10 @@ def main() -> None:
                         help=f"our rows: comma-separated train_id.windows of {OUR_WINDOWS}, or all:S for "
                              "windows=all with window_stride=S (overlapping windows, the loss on each one's last "
                              "S targets)")
+    parser.add_argument("--ours-only", action="store_true",
+                        help="run only our rows and compare them with the RecBole row already in --out for the "
+                             "dataset (same hyper-parameters; the stored rows are kept, ours replace their "
+                             "namesakes); each row records its argv and threads")
     parser.add_argument("--seed", type=int, default=2020)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "recbole_compare.json"))
     args = parser.parse_args()

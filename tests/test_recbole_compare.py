@@ -2,6 +2,7 @@
 written from our prepared split giving RecBole the same valid/test targets (ties included)."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -69,3 +70,34 @@ def test_windows_entries_parse_and_bad_ones_are_refused():
     for bad in ("every", "prefix:3", "all:0", "all:x", "all:"):
         with pytest.raises(ValueError, match="all:S"):
             rc.parse_windows(bad)
+
+
+def test_ours_only_keeps_the_stored_recbole_row_and_refuses_a_mismatch(tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    args = argparse.Namespace(out=str(out), ours_only=True, windows="all:5", max_epochs=3, patience=1, seed=0,
+                              hidden=None, batch_size=None)
+    with pytest.raises(SystemExit, match="no finished RecBole row for ml100k"):
+        rc.run_dataset("ml100k", args)
+    recbole = {"best_valid_ndcg@10": 0.05, "wall_s_to_best": 100.0, "test_ndcg@10": 0.04, "curve": points([0.05])}
+    stored = {"hyper_parameters": dict(rc.HPARAMS), "argv": ["--dataset", "ml100k"], "threads": 1,
+              "rows": {rc.RECBOLE: recbole, "ours SASRec (windows=all)": {"old": 1},
+                       "ours SASRec (windows=all:5)": {"old": 2}}}
+    rc.write_result(out, {"ml100k": stored})
+    monkeypatch.setattr(rc, "build_ours", lambda dataset, work: work)
+    monkeypatch.setattr(rc.PreparedDataset, "load", lambda path: argparse.Namespace(stats={"users": 3}))
+    monkeypatch.setattr(rc, "run_recbole", lambda *a: pytest.fail("RecBole must not run with --ours-only"))
+    ran = []
+
+    def fake_ours(prepared, work, hparams, windows, *rest):
+        ran.append(windows)
+        return {"test_ndcg@10": 0.041, "curve": points([0.02, 0.05])}
+
+    monkeypatch.setattr(rc, "run_ours", fake_ours)
+    entry = rc.run_dataset("ml100k", args)
+    assert ran == ["all:5"] and entry["rows"][rc.RECBOLE] == recbole
+    assert entry["rows"]["ours SASRec (windows=all)"] == {"old": 1}  # kept
+    assert entry["rows"]["ours SASRec (windows=all:5)"]["argv"] == sys.argv[1:]  # replaced by this run's
+    assert entry["time_to_quality"]["ours SASRec (windows=all:5)"]["wall_s_to_reach"] == 22.0
+    assert entry["recbole_row_from"] == {"argv": ["--dataset", "ml100k"], "threads": 1}
+    with pytest.raises(SystemExit, match="used .* this run"):
+        rc.run_dataset("ml100k", argparse.Namespace(**{**vars(args), "hidden": 32}))
