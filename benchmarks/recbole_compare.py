@@ -28,6 +28,11 @@ validate every epoch and stop after --patience epochs without a better valid NDC
 `stopping_step` = patience - 1, as it stops only when the count exceeds it), at most
 --max-epochs; test metrics from the best epoch.
 
+`--ours-only` runs only our rows and puts them next to the RecBole row (and the other rows) already
+stored for the dataset in --out (RecBole's row from an earlier run with the same hyper-parameters:
+recorded as `recbole_row_from`); a --windows entry may end in `@B` to train that row with batches of
+B windows (e.g. `all:5@64`: ~5 targets a window, ~320 targets a step against RecBole's 256).
+
 Rows: RecBole, then ours with `windows: all` (windows of up to max_len + 1 items, a target at
 every position: every train item is a target once per epoch, in far fewer rows and optimizer
 steps than RecBole), `all:S` (the same with window_stride S: windows S items apart, the loss on
@@ -238,18 +243,23 @@ def row_summary(points: list[dict], best_epoch: int, test: dict, train_times: li
             "test": {k: float(v) for k, v in test.items()}, **extra, "curve": points}
 
 
-def parse_windows(spec: str) -> tuple[str, int]:
-    """A --windows entry: `all`, `prefix` or `all:S` (windows=all, window_stride=S) -> (windows, stride)."""
-    windows, sep, stride = spec.partition(":")
-    if windows not in OUR_WINDOWS or (sep and (windows != "all" or not stride.isdigit() or int(stride) < 1)):
-        raise ValueError(f"--windows entry {spec!r}: expected one of {', '.join(OUR_WINDOWS)} or all:S (S >= 1)")
-    return windows, int(stride or 0)
+def parse_windows(spec: str) -> tuple[str, int, int | None]:
+    """A --windows entry: `all`, `prefix` or `all:S` (windows=all, window_stride=S), optionally
+    followed by `@B` (our batch of B windows instead of the shared batch size) -> (windows, stride, batch)."""
+    body, at, batch = spec.partition("@")
+    windows, sep, stride = body.partition(":")
+    if (windows not in OUR_WINDOWS or (sep and (windows != "all" or not stride.isdigit() or int(stride) < 1))
+            or (at and (not batch.isdigit() or int(batch) < 1))):
+        raise ValueError(f"--windows entry {spec!r}: expected one of {', '.join(OUR_WINDOWS)} or all:S (S >= 1), "
+                         "optionally with @B (B >= 1 windows per batch)")
+    return windows, int(stride or 0), int(batch) if at else None
 
 
 def run_ours(prepared: Path, out: Path, hparams: dict, windows: str, max_epochs: int, patience: int,
              seed: int) -> dict:
     # trim_padding: our batches cost their longest history, not max_len (the same model function)
-    windows, stride = parse_windows(windows)
+    windows, stride, batch = parse_windows(windows)
+    hparams = hparams | ({"batch_size": batch} if batch else {})
     cfg = TrainConfig(**hparams, windows=windows, window_stride=stride, epochs=max_epochs, patience=patience,
                       engine="single", precision="fp32", trim_padding=True)
     start = time.time()
@@ -262,7 +272,7 @@ def run_ours(prepared: Path, out: Path, hparams: dict, windows: str, max_epochs:
     row = row_summary(curve(train_times, eval_times, [h[f"valid_{METRIC}"] for h in epochs]), metrics["best_epoch"],
                       metrics["test"], train_times, eval_times, samples=rows,
                       steps=-(-rows // hparams["batch_size"]), run_s=run_s)
-    row["targets_per_s"] = metrics["targets_per_s"]
+    row.update(targets_per_s=metrics["targets_per_s"], batch_size=hparams["batch_size"])
     return row
 
 
@@ -382,10 +392,11 @@ def run_dataset(dataset: str, args) -> dict:
         for windows in args.windows.split(","):
             name = f"ours SASRec (windows={windows})"
             entry["loadavg_at_start"][name] = os.getloadavg()
-            rows[name] = run_ours(prepared, work / f"ours_{windows.replace(':', '_')}", hparams, windows, args.max_epochs,
+            rows[name] = run_ours(prepared, work / f"ours_{windows.replace(':', '_').replace('@', '_b')}", hparams, windows, args.max_epochs,
                                   args.patience, args.seed)
             rows[name].update(argv=sys.argv[1:], threads=torch.get_num_threads())
     if stored:  # the stored rows first (RecBole's among them), this run's rows replace their namesakes
+        stored = stored_entry(Path(args.out), dataset, hparams)  # re-read: another run may have added rows
         entry["loadavg_at_start"] = stored.get("loadavg_at_start", {}) | entry["loadavg_at_start"]
         rows = stored["rows"] | rows
         entry["recbole_row_from"] = {"argv": stored["argv"], "threads": stored["threads"]}
@@ -421,7 +432,8 @@ def main() -> None:
     parser.add_argument("--windows", default=",".join(OUR_WINDOWS),
                         help=f"our rows: comma-separated train_id.windows of {OUR_WINDOWS}, or all:S for "
                              "windows=all with window_stride=S (overlapping windows, the loss on each one's last "
-                             "S targets)")
+                             "S targets); a trailing @B trains that row with batches of B windows (all:5@64: "
+                             "~5 targets a window, so ~320 targets a step against RecBole's 256)")
     parser.add_argument("--ours-only", action="store_true",
                         help="run only our rows and compare them with the RecBole row already in --out for the "
                              "dataset (same hyper-parameters; the stored rows are kept, ours replace their "

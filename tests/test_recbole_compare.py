@@ -65,9 +65,10 @@ def test_write_result_keeps_the_other_datasets(tmp_path):
 
 
 def test_windows_entries_parse_and_bad_ones_are_refused():
-    assert rc.parse_windows("all") == ("all", 0) and rc.parse_windows("prefix") == ("prefix", 0)
-    assert rc.parse_windows("all:10") == ("all", 10)
-    for bad in ("every", "prefix:3", "all:0", "all:x", "all:"):
+    assert rc.parse_windows("all") == ("all", 0, None) and rc.parse_windows("prefix") == ("prefix", 0, None)
+    assert rc.parse_windows("all:10") == ("all", 10, None) and rc.parse_windows("all:5@64") == ("all", 5, 64)
+    assert rc.parse_windows("prefix@32") == ("prefix", 0, 32)
+    for bad in ("every", "prefix:3", "all:0", "all:x", "all:", "all:5@", "all@0", "all:5@x"):
         with pytest.raises(ValueError, match="all:S"):
             rc.parse_windows(bad)
 
