@@ -5,14 +5,14 @@ Training samples (SASRec / RecBole-CE style): for each user the train sequence g
 items[:-1] and targets items[1:]. With `windows="last"` (Kang & McAuley's choice) only the last
 max_len+1 items are used, next item at every position; `windows="all"` cuts the whole train
 sequence into windows of max_len+1 items overlapping by one item, so every train item is a
-target once (next item at every position). With a `stride` S < max_len, "all" windows end S items
-apart (n, n-S, ...; overlapping by max_len+1-S items) and each keeps the loss on its last S
-targets only (the first window, which starts at the user's first item, on all of them): every
-train item is still a target once, and each with at least max_len+1-S items of context, where
-stride max_len gives the later targets of a window 1, 2, ... items; `windows="prefix"` (RecBole's training rows) gives one
-row per train target (every train item from the 2nd on), the up to max_len items before it as
-input and the loss on that target only (collate zeroes the row's other targets). Validation and
-test items never appear in training samples.
+target once (next item at every position), but a window's first targets see only 1, 2, ... items
+of context. With a `stride` S < max_len, "all" windows end S items apart (n, n-S, ...; overlapping
+by max_len+1-S items) and each keeps the loss on its last S targets only (the first window, which
+starts at the user's first item, on all of them): every train item is still a target once, each
+with at least max_len+1-S items of context (or all of its history). `windows="prefix"` (RecBole's
+training rows) gives one row per train target (every train item from the 2nd on), the up to
+max_len items before it as input and the loss on that target only (collate zeroes the row's other
+targets). Validation and test items never appear in training samples.
 
 Data order is a function of (seed, epoch) only: the global batches are the same for any world
 size, and rank r takes the r-th contiguous slice of each global batch, so every rank runs the
