@@ -392,8 +392,8 @@ def run_dataset(dataset: str, args) -> dict:
         for windows in args.windows.split(","):
             name = f"ours SASRec (windows={windows})"
             entry["loadavg_at_start"][name] = os.getloadavg()
-            rows[name] = run_ours(prepared, work / f"ours_{windows.replace(':', '_').replace('@', '_b')}", hparams, windows, args.max_epochs,
-                                  args.patience, args.seed)
+            row_dir = work / f"ours_{windows.replace(':', '_').replace('@', '_b')}"
+            rows[name] = run_ours(prepared, row_dir, hparams, windows, args.max_epochs, args.patience, args.seed)
             rows[name].update(argv=sys.argv[1:], threads=torch.get_num_threads())
     if stored:  # the stored rows first (RecBole's among them), this run's rows replace their namesakes
         stored = stored_entry(Path(args.out), dataset, hparams)  # re-read: another run may have added rows

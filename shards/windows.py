@@ -117,6 +117,19 @@ class TrainWindows:
     def __reduce__(self):  # the memoryviews do not pickle
         return TrainWindows, (self.items, self.offsets, self.max_len, self.mode, self.stride % self.max_len)
 
+    def _end(self, n, k):
+        """Row k's end within its user's n train items (ints or int arrays alike)."""
+        return n if self.mode == "last" else n - k * self.stride if self.mode == "all" else k + 2
+
+    def _user_bounds(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(first, start, end) of rows: the user's first item in the flat items, and the row's
+        items[first + start:first + end] relative to it."""
+        user = np.searchsorted(self.row_ends, rows, side="right")
+        k = rows - np.where(user > 0, self.row_ends[user - 1], 0)
+        first = np.asarray(self.offsets[user], dtype=np.int64)
+        end = self._end(np.asarray(self.offsets[user + 1], dtype=np.int64) - first, k)
+        return first, np.maximum(0, end - self.max_len - 1), end
+
     def bounds(self, rows) -> tuple[np.ndarray, np.ndarray]:
         """(start, end) of rows (an int array) in the flat items, each row items[start:end]."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -124,12 +137,8 @@ class TrainWindows:
             return rows.copy(), rows.copy()
         if rows.min() < 0 or rows.max() >= self.size:
             raise IndexError(f"window rows out of range 0..{self.size - 1}")
-        user = np.searchsorted(self.row_ends, rows, side="right")
-        k = rows - np.where(user > 0, self.row_ends[user - 1], 0)
-        first = np.asarray(self.offsets[user], dtype=np.int64)
-        n = np.asarray(self.offsets[user + 1], dtype=np.int64) - first
-        end = n if self.mode == "last" else n - k * self.stride if self.mode == "all" else k + 2
-        return first + np.maximum(0, end - self.max_len - 1), first + end
+        first, start, end = self._user_bounds(rows)
+        return first + start, first + end
 
     def __getitem__(self, i) -> list[int]:
         i = operator.index(i)
@@ -141,7 +150,7 @@ class TrainWindows:
         k = i - (self._row_ends[user - 1] if user else 0)
         first = self._offsets[user]
         n = self._offsets[user + 1] - first
-        end = n if self.mode == "last" else n - k * self.stride if self.mode == "all" else k + 2
+        end = self._end(n, k)
         start = max(0, end - self.max_len - 1)
         return self._row(self._items[first + start:first + end].tolist(), start)
 
@@ -157,12 +166,10 @@ class TrainWindows:
     def __iter__(self):
         step = 1 << 14
         for s in range(0, self.size, step):
-            rows = np.arange(s, min(s + step, self.size))
-            starts, ends = self.bounds(rows)
-            user_first = self.offsets[np.searchsorted(self.row_ends, rows, side="right")]
-            lo, hi = int(starts.min()), int(ends.max())
+            first, start, end = self._user_bounds(np.arange(s, min(s + step, self.size)))
+            lo, hi = int((first + start).min()), int((first + end).max())
             flat = self.items[lo:hi].tolist()
-            for a, b, f in zip((starts - lo).tolist(), (ends - lo).tolist(), (starts - user_first).tolist()):
+            for a, b, f in zip((first + start - lo).tolist(), (first + end - lo).tolist(), start.tolist()):
                 yield self._row(flat[a:b], f)
 
     def __eq__(self, other) -> bool:
